@@ -1,0 +1,16 @@
+"""vitlens: see what a Vision Transformer looks at, exactly."""
+
+from vitlens.capture import AttentionRecord, record
+from vitlens.errors import VitlensError
+from vitlens.explanation import Explanation
+from vitlens.images import Preprocess, load_image
+from vitlens.layout import TokenLayout
+from vitlens.methods import METHODS, AttentionMaps, GradRollout, Rollout
+from vitlens.models import VitModel, load_model, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "AttentionMaps", "AttentionRecord", "Explanation", "GradRollout", "Preprocess", "Rollout",
+    "TokenLayout", "VitModel", "VitlensError", "load_image", "load_model", "record", "wrap",
+]

@@ -1,0 +1,132 @@
+"""Capture every block's attention probabilities (and their gradients) with hooks that never leak."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from vitlens.errors import VitlensError
+
+if TYPE_CHECKING:
+    from vitlens.models.base import VitModel
+
+StreamFn = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class AttentionRecord:
+    """Attention probabilities [B, H, N, N] per block, in global token coordinates, from the last forward pass.
+
+    ``probs[i]`` is None for blocks that were not selected (or were streamed instead of stored).
+    """
+
+    num_blocks: int
+    keep: bool = True
+    probs: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.probs = [None] * self.num_blocks
+
+    def captured(self) -> list[int]:
+        """Indices of the blocks whose attention was stored."""
+        return [i for i, p in enumerate(self.probs) if p is not None]
+
+    def grads(self, score: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor | None]:
+        """Gradients of ``score.sum()`` with respect to each stored attention-probability tensor, in block order.
+
+        Samples of a batch do not interact in a ViT in eval mode, so the gradient of the summed per-sample scores
+        gives every sample its own gradient.
+        """
+        idx = self.captured()
+        if not idx:
+            raise VitlensError("no attention was recorded: run the model inside record(grads=True) before asking for grads")
+        tensors = [self.probs[i] for i in idx]
+        if not all(t.requires_grad for t in tensors):
+            raise VitlensError("attention was recorded without gradients: use record(grads=True)")
+        got = torch.autograd.grad(score.sum(), tensors, retain_graph=retain_graph, allow_unused=True)
+        out: list[torch.Tensor | None] = [None] * self.num_blocks
+        for i, g in zip(idx, got):
+            out[i] = torch.zeros_like(self.probs[i]) if g is None else g
+        return out
+
+
+def _restore_training(module: torch.nn.Module) -> Callable[[], None]:
+    modes = [(m, m.training) for m in module.modules()]
+
+    def undo() -> None:
+        for m, mode in modes:
+            m.training = mode
+
+    return undo
+
+
+def _restore_requires_grad(module: torch.nn.Module, value: bool) -> Callable[[], None]:
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(value)
+
+    def undo() -> None:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return undo
+
+
+@contextmanager
+def record(
+    model: VitModel,
+    grads: bool = False,
+    blocks: Sequence[int] | None = None,
+    stream: StreamFn | None = None,
+) -> Iterator[AttentionRecord]:
+    """Context manager: while open, every forward of ``model`` records each block's attention probabilities.
+
+    - ``grads=True`` keeps the autograd graph so that ``record.grads(score)`` returns d score / d probs; the model's
+      parameters are frozen meanwhile (gradients flow from the input instead) and grad mode is switched on.
+    - ``blocks`` restricts recording to these block indices (negative indices count from the end).
+    - ``stream(i, probs)`` is called as soon as block ``i`` has computed its attention; streamed blocks are not
+      stored, so a consumer such as rollout needs memory for one block at a time.
+
+    On exit, always (also after an exception), hooks are removed and the model's train/eval modes, attention
+    implementation flags and ``requires_grad`` flags are restored.
+    """
+    n = model.num_blocks
+    selected = set(range(n)) if blocks is None else {b % n if -n <= b < n else _bad_block(b, n) for b in blocks}
+    rec = AttentionRecord(num_blocks=n)
+    with ExitStack() as stack:
+        stack.callback(_restore_training(model.module))
+        model.module.eval()
+        stack.callback(model._use_explicit_attention())
+        if grads:
+            stack.callback(_restore_requires_grad(model.module, False))
+            stack.enter_context(torch.enable_grad())
+            model._grad_input = True
+            stack.callback(setattr, model, "_grad_input", False)
+        for i, (site, extract) in enumerate(model._attention_sites()):
+            if i not in selected:
+                continue
+
+            def hook(mod, args, output, i=i, extract=extract) -> None:
+                probs = extract(args, output)
+                if probs is None:
+                    raise VitlensError(
+                        f"block {i} of {type(model.module).__name__} returned no attention weights; "
+                        "the model must compute attention explicitly (HF: attn_implementation='eager')"
+                    )
+                if stream is not None:
+                    stream(i, probs)
+                    if not grads:
+                        return
+                rec.probs[i] = probs
+
+            handle = site.register_forward_hook(hook)
+            stack.callback(handle.remove)
+        yield rec
+
+
+def _bad_block(b: int, n: int) -> int:
+    raise VitlensError(f"block index {b} is out of range for a model with {n} blocks; use -{n}..{n - 1}")

@@ -1,0 +1,64 @@
+"""Raw attention maps per block and head, for the CLS token, a chosen patch, or the mean over tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from vitlens.errors import VitlensError
+from vitlens.explanation import Explanation, max_normalize
+from vitlens.layout import TokenLayout
+from vitlens.methods.base import Images, Method, Target
+from vitlens.models.base import VitModel
+
+Query = str | tuple[int, int]
+
+
+def parse_query(text: str) -> Query:
+    """'cls', 'mean' or 'R,C' (a patch row and column) -> query."""
+    t = text.strip().lower()
+    if t in ("cls", "mean"):
+        return t
+    try:
+        r, c = (int(v) for v in t.split(","))
+    except ValueError:
+        raise VitlensError(f"query must be 'cls', 'mean' or 'ROW,COL' of a patch; got {text!r}") from None
+    return (r, c)
+
+
+def query_rows(attn: torch.Tensor, layout: TokenLayout, query: Query) -> torch.Tensor:
+    """[B, H, N, N] -> [B, H, gh, gw]: the query's attention over the patch tokens."""
+    if query == "cls":
+        if not layout.has_cls:
+            raise VitlensError("this model has no CLS token; use --query mean or a patch ROW,COL")
+        row = attn[:, :, 0]
+    elif query == "mean":
+        row = attn.mean(2)
+    else:
+        row = attn[:, :, layout.patch_index(*query)]
+    return row[..., layout.num_prefix :].reshape(*row.shape[:2], *layout.grid)
+
+
+class AttentionMaps(Method):
+    """Per block and head, the attention of a query token over the patch tokens: extras['per_head'] [B, L, H, gh, gw]
+    (raw probabilities). ``maps`` is the head mean of the last block, divided by its maximum."""
+
+    name = "attention"
+
+    def __init__(self, model: VitModel, query: Query = "cls") -> None:
+        super().__init__(model)
+        self.query = parse_query(query) if isinstance(query, str) else tuple(query)
+
+    def explain(self, x: Images, target: Target = None) -> Explanation:
+        """Attention maps for a batch (``target`` is ignored)."""
+        x = self.batch(x)
+        layout = self.model.layout(tuple(x.shape[-2:]))
+        if isinstance(self.query, tuple):
+            layout.patch_index(*self.query)  # fail before the forward pass
+        rows: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), self.model.record(stream=lambda i, p: rows.__setitem__(i, query_rows(p, layout, self.query))):
+            logits = self.model(x)
+        per_head = torch.stack([rows[i] for i in sorted(rows)], 1).float()
+        return Explanation(
+            maps=max_normalize(per_head[:, -1].mean(1)), method=self.name, params={"query": self.query},
+            logits=logits, probs=self.probs_or_none(logits), extras={"per_head": per_head},
+        )

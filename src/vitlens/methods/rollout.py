@@ -1,0 +1,133 @@
+"""Attention rollout (Abnar & Zuidema 2020) with head fusion, discarding, residual weight and normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vitlens.errors import VitlensError
+from vitlens.explanation import Explanation, max_normalize
+from vitlens.layout import TokenLayout
+from vitlens.methods.base import Images, Method, Target, check_choice, check_range
+from vitlens.models.base import VitModel
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    """[B, H, N, N] -> [B, N, N] by mean, max or min over heads."""
+    if head_fusion == "mean":
+        return attn.mean(1)
+    if head_fusion == "max":
+        return attn.amax(1)
+    return attn.amin(1)
+
+
+def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the floor(ratio * N^2) lowest entries of each [N, N] matrix, except entry [0, 0] (as vit-explain)."""
+    b, n, _ = a.shape
+    k = math.floor(ratio * n * n)
+    if k == 0:
+        return a
+    flat = a.reshape(b, n * n)
+    idx = flat.topk(k, dim=-1, largest=False).indices
+    out = flat.scatter(1, idx, 0.0)
+    out = torch.cat([flat[:, :1], out[:, 1:]], dim=1)  # entry [0, 0] is never discarded
+    return out.view(b, n, n)
+
+
+def add_residual(a: torch.Tensor, residual_weight: float, normalize: bool) -> torch.Tensor:
+    """(1 - w) * A + w * I, then optionally each row divided by its sum."""
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    a = (1.0 - residual_weight) * a + residual_weight * eye
+    if normalize:
+        a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return a
+
+
+def readout(rollout: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """[B, N, N] rollout -> [B, gh, gw]: the pooled row (how the model pools) over the patch tokens only."""
+    w = layout.readout_weights(rollout.device, rollout.dtype)
+    row = torch.einsum("n,bnm->bm", w, rollout)[:, layout.num_prefix :]
+    return row.reshape(-1, *layout.grid)
+
+
+class RolloutAccumulator:
+    """Consumes fused per-block matrices in forward order and keeps R = A_l ... A_start (and optional per-depth maps)."""
+
+    def __init__(self, layout: TokenLayout, start_layer: int, discard_ratio: float, residual_weight: float,
+                 normalize: bool, per_layer: bool) -> None:
+        self.layout, self.start_layer = layout, start_layer
+        self.discard_ratio, self.residual_weight, self.normalize = discard_ratio, residual_weight, normalize
+        self.per_layer = per_layer
+        self.result: torch.Tensor | None = None
+        self.depth_maps: list[torch.Tensor] = []
+
+    def add(self, block: int, fused: torch.Tensor) -> None:
+        """Fold block ``block``'s fused attention [B, N, N] into the rollout (blocks before start_layer are skipped)."""
+        if block < self.start_layer:
+            return
+        a = add_residual(discard_lowest(fused, self.discard_ratio), self.residual_weight, self.normalize)
+        self.result = a if self.result is None else torch.bmm(a, self.result)
+        if self.per_layer:
+            self.depth_maps.append(readout(self.result, self.layout))
+
+
+class Rollout(Method):
+    """Attention rollout.
+
+    Per sample and block: fuse heads (mean/max/min); zero the lowest floor(discard_ratio * N^2) entries except [0, 0];
+    A = (1 - w) A + w I with w = residual_weight; if normalize, divide each row by its sum; R = A_L ... A_start.
+    The map is the model's pooled row of R (CLS, CLS+distillation mean, or the mean of patch rows) over the patch
+    tokens, divided by its maximum. Streams block by block: extra memory is O(N^2) per sample.
+    The seed report's variant (no normalisation, A + I, first block skipped) is
+    ``Rollout(model, normalize=False, residual_weight=0.5, start_layer=1)``: A + I = 2 * (0.5 A + 0.5 I) and the
+    constant factor vanishes in the max normalisation.
+    """
+
+    name = "rollout"
+
+    def __init__(self, model: VitModel, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
+                 residual_weight: float = 0.5, normalize: bool = True, per_layer: bool = False) -> None:
+        super().__init__(model)
+        self.head_fusion = check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+        self.discard_ratio = check_range("discard_ratio", discard_ratio, 0.0, 1.0, hi_open=True)
+        self.residual_weight = check_range("residual_weight", residual_weight, 0.0, 1.0)
+        n = self.model.num_blocks
+        if not 0 <= start_layer < n:
+            raise VitlensError(f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {start_layer}")
+        self.start_layer = int(start_layer)
+        self.normalize = bool(normalize)
+        self.per_layer = bool(per_layer)
+
+    @property
+    def params(self) -> dict:
+        """The options, for the Explanation."""
+        return dict(head_fusion=self.head_fusion, discard_ratio=self.discard_ratio, start_layer=self.start_layer,
+                    residual_weight=self.residual_weight, normalize=self.normalize)
+
+    def accumulator(self, layout: TokenLayout) -> RolloutAccumulator:
+        """A fresh accumulator with this method's options."""
+        return RolloutAccumulator(layout, self.start_layer, self.discard_ratio, self.residual_weight,
+                                  self.normalize, self.per_layer)
+
+    def finish(self, acc: RolloutAccumulator, logits: torch.Tensor, target: torch.Tensor | None) -> Explanation:
+        """Explanation from a filled accumulator."""
+        extras = {}
+        if self.per_layer:
+            extras["per_layer"] = max_normalize(torch.stack(acc.depth_maps, 1))
+            extras["per_layer_blocks"] = torch.arange(self.start_layer, self.model.num_blocks)
+        return Explanation(
+            maps=max_normalize(readout(acc.result, acc.layout).float()),
+            method=self.name, params=self.params, target=target, logits=logits.detach(),
+            probs=self.probs_or_none(logits.detach()), extras=extras,
+        )
+
+    def explain(self, x: Images, target: Target = None) -> Explanation:
+        """Rollout maps for a batch (``target`` is ignored: rollout is class-agnostic)."""
+        x = self.batch(x)
+        acc = self.accumulator(self.model.layout(tuple(x.shape[-2:])))
+        with torch.no_grad(), self.model.record(stream=lambda i, p: acc.add(i, fuse_heads(p, self.head_fusion))):
+            logits = self.model(x)
+        return self.finish(acc, logits, None)

@@ -1,0 +1,134 @@
+"""`VitModel`: the one interface methods see, whatever the architecture underneath."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitlens.capture import AttentionRecord, StreamFn, record
+from vitlens.errors import VitlensError
+from vitlens.images import Preprocess
+from vitlens.layout import TokenLayout
+
+# (module to hook, extract(args, output) -> probs [B, H, N, N] or None)
+AttentionSite = tuple[nn.Module, Callable[[Any, Any], torch.Tensor | None]]
+
+
+class VitModel:
+    """A ViT-family model with what explanation methods need to know about it.
+
+    Adapters (one per family) override ``_attention_sites``, ``_use_explicit_attention``, ``_run`` and ``layout``.
+    Methods only call ``forward``, ``layout``, ``record`` and read ``num_blocks``, ``num_classes``, ``labels``.
+    """
+
+    family = "generic"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        preprocess: Preprocess,
+        num_classes: int | None,
+        labels: Sequence[str] | None = None,
+        multi_label: bool = False,
+        patch_size: tuple[int, int] = (16, 16),
+    ) -> None:
+        self.module = module
+        self.preprocess = preprocess
+        self.num_classes = num_classes
+        self.labels = list(labels) if labels is not None else None
+        self.multi_label = multi_label
+        self.patch_size = patch_size
+        self._grad_input = False
+        if not self._attention_sites():
+            raise VitlensError(f"{type(module).__name__} has no attention blocks that vitlens can hook")
+
+    # ---- adapter interface -------------------------------------------------------------------------------------
+    def _attention_sites(self) -> list[AttentionSite]:
+        """One (module, extractor) per block, in forward order."""
+        raise NotImplementedError
+
+    def _use_explicit_attention(self) -> Callable[[], None]:
+        """Switch fused attention kernels off so probabilities exist; return the function that undoes it."""
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """Call the wrapped module and return logits [B, C] (or pooled features [B, D] for a backbone)."""
+        raise NotImplementedError
+
+    def layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Token layout for an input of this (height, width)."""
+        raise NotImplementedError
+
+    # ---- public -------------------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        """Number of attention blocks."""
+        return len(self._attention_sites())
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.module.parameters()).device
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the model outputs class scores (class-specific methods need that)."""
+        return self.num_classes is not None
+
+    def to(self, device: torch.device | str) -> VitModel:
+        """Move the wrapped module; returns self."""
+        self.module.to(device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] for a classifier, pooled features [B, D] for a backbone."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise VitlensError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
+        ph, pw = self.patch_size
+        if x.shape[-2] % ph or x.shape[-1] % pw:
+            raise VitlensError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}; "
+                "resize it (e.g. --image-size)"
+            )
+        x = x.to(self.device)
+        if self._grad_input:
+            x = x.detach().requires_grad_(True)
+        return self._run(x)
+
+    __call__ = forward
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes, or per-class sigmoid for a multi-label head."""
+        return logits.sigmoid() if self.multi_label else logits.softmax(-1)
+
+    def check_target(self, target: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """Resolve the target class per sample (top-1 when None), with clear errors."""
+        if not self.has_head:
+            raise VitlensError(
+                f"{type(self.module).__name__} is a backbone without a classification head; class-specific methods "
+                "need one (use a *ForImageClassification model, or a class-agnostic method such as rollout)"
+            )
+        b, c = logits.shape
+        if target is None:
+            return logits.argmax(-1)
+        t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(b)
+        if t.numel() != b:
+            raise VitlensError(f"got {t.numel()} targets for a batch of {b}; give one target or one per image")
+        if bool(((t < 0) | (t >= c)).any()):
+            raise VitlensError(f"target class {t.tolist()} out of range: the model has {c} classes (0..{c - 1})")
+        return t
+
+    def record(
+        self, grads: bool = False, blocks: Sequence[int] | None = None, stream: StreamFn | None = None
+    ) -> AbstractContextManager[AttentionRecord]:
+        """Capture attention during forwards; see `vitlens.capture.record`."""
+        return record(self, grads=grads, blocks=blocks, stream=stream)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.module).__name__}, blocks={self.num_blocks}, classes={self.num_classes})"

@@ -1,0 +1,184 @@
+"""Adapter for Hugging Face transformers vision models (ViT, DeiT, DINOv2 with or without registers, BEiT)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlens.errors import VitlensError
+from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from vitlens.layout import TokenLayout
+from vitlens.models.base import AttentionSite, VitModel
+
+HF_FAMILIES = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit")
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers PreTrainedModel."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(module).mro())
+
+
+def _pair(v: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _attention_class(module: nn.Module) -> type | None:
+    spec = getattr(type(module), "_can_record_outputs", None) or {}
+    target = spec.get("attentions")
+    if isinstance(target, type):
+        return target
+    return getattr(target, "target_class", None)
+
+
+def hf_preprocess(config, folder: str | Path | None = None) -> Preprocess:
+    """Preprocessing from a folder's preprocessor_config.json, else ImageNet mean/std at the config's image size."""
+    size = _pair(getattr(config, "image_size", 224))
+    mean, std, crop_pct, interp = IMAGENET_MEAN, IMAGENET_STD, 1.0, "bicubic"
+    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            pc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise VitlensError(f"{path} is not valid JSON ({e.msg}); fix or delete it") from None
+        mean = tuple(pc.get("image_mean", mean))
+        std = tuple(pc.get("image_std", std))
+        interp = _PIL_RESAMPLE.get(pc.get("resample"), interp)
+        s = pc.get("size") or {}
+        crop = pc.get("crop_size") or {}
+        if pc.get("do_center_crop") and crop:
+            size = (crop.get("height", size[0]), crop.get("width", size[1]))
+            edge = s.get("shortest_edge") if isinstance(s, dict) else None
+            crop_pct = min(1.0, min(size) / edge) if edge else 1.0
+        elif isinstance(s, dict) and "height" in s:
+            size = (s["height"], s["width"])
+        elif isinstance(s, dict) and "shortest_edge" in s:
+            size = (s["shortest_edge"], s["shortest_edge"])
+    return Preprocess(size=size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interp)
+
+
+class HFVitModel(VitModel):
+    """A transformers ViT/DeiT/DINOv2/BEiT model, classifier or bare backbone."""
+
+    family = "hf"
+
+    def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
+        cfg = module.config
+        if cfg.model_type not in HF_FAMILIES:
+            raise VitlensError(
+                f"transformers model type {cfg.model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
+            )
+        self.config = cfg
+        self._attn_cls = _attention_class(module)
+        name = type(module).__name__
+        has_head = name.endswith("ForImageClassification") or name.endswith("ForImageClassificationWithTeacher")
+        labels = None
+        if has_head:
+            id2label = getattr(cfg, "id2label", None) or {}
+            labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(cfg.num_labels)]
+        super().__init__(
+            module,
+            preprocess or hf_preprocess(cfg),
+            num_classes=cfg.num_labels if has_head else None,
+            labels=labels,
+            multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
+            patch_size=_pair(cfg.patch_size),
+        )
+        self.family = f"hf-{cfg.model_type}"
+        self._readout = self._find_readout(name)
+        self._accepts_interp = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
+
+    def _find_readout(self, name: str) -> str:
+        t = self.config.model_type
+        if t == "deit" and name.endswith("WithTeacher"):
+            return "cls+dist"
+        if t.startswith("dinov2") and self.has_head:
+            return "cls+mean"
+        if t == "beit" and getattr(self.config, "use_mean_pooling", False) and (self.has_head or _has_pooler(self.module)):
+            return "mean"
+        return "cls"
+
+    def _num_prefix(self) -> int:
+        t = self.config.model_type
+        if t == "deit":
+            return 2
+        if t == "dinov2_with_registers":
+            return 1 + int(self.config.num_register_tokens)
+        return 1
+
+    def _attention_sites(self) -> list[AttentionSite]:
+        if self._attn_cls is None:
+            return []
+        return [(m, _second) for m in self.module.modules() if isinstance(m, self._attn_cls)]
+
+    def _use_explicit_attention(self) -> Callable[[], None]:
+        configs = {id(m.config): m.config for m, _ in self._attention_sites() if hasattr(m, "config")}
+        configs[id(self.module.config)] = self.module.config
+        saved = [(c, c._attn_implementation) for c in configs.values()]
+        for c, _ in saved:
+            c._attn_implementation = "eager"
+
+        def undo() -> None:
+            for c, impl in saved:
+                c._attn_implementation = impl
+
+        return undo
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self._accepts_interp and tuple(x.shape[-2:]) != _pair(self.config.image_size):
+            kwargs["interpolate_pos_encoding"] = True
+        out = self.module(pixel_values=x, **kwargs)
+        if self.has_head:
+            return out.logits
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+    def layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Prefix tokens, patch grid for this input size, and the model's pooling."""
+        ph, pw = self.patch_size
+        return TokenLayout(self._num_prefix(), (image_size[0] // ph, image_size[1] // pw), self._readout)
+
+
+def _second(args, output) -> torch.Tensor | None:
+    return output[1] if isinstance(output, tuple) and len(output) > 1 else None
+
+
+def _has_pooler(module: nn.Module) -> bool:
+    base = getattr(module, getattr(module, "base_model_prefix", ""), module)
+    return getattr(base, "pooler", None) is not None
+
+
+def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
+    """Load a transformers image model from a local folder or the hub (classifier if the config names one)."""
+    try:
+        import transformers
+    except ImportError:
+        raise VitlensError("loading Hugging Face models needs transformers: pip install 'vitlens[hf]'") from None
+    local = Path(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+        archs = getattr(config, "architectures", None) or []
+        if any("ForImageClassification" in a for a in archs):
+            cls = transformers.AutoModelForImageClassification
+            if any(a.endswith("WithTeacher") for a in archs):
+                cls = getattr(transformers, archs[0])
+        else:
+            cls = transformers.AutoModel
+        module = cls.from_pretrained(name_or_path, attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as e:
+        where = "folder" if local.exists() else "hub model"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitlensError(
+            f"could not load Hugging Face {where} {name_or_path!r}: {first[:200]} "
+            "(offline? pass a local folder written by save_pretrained)"
+        ) from None
+    pre = hf_preprocess(config, local if local.is_dir() else None)
+    if image_size:
+        pre = pre.with_size(image_size)
+    return HFVitModel(module.eval(), pre)

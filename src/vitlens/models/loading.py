@@ -1,0 +1,93 @@
+"""`load_model(spec)`: one entry point for modules, HF folders or hub names, timm names and embedded models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from vitlens.errors import VitlensError
+from vitlens.models import zoo
+from vitlens.models.base import VitModel
+
+SPEC_HELP = "an nn.Module, 'hf:ORG/NAME', a local HF folder, 'timm:NAME' (optionally with weights=FILE) or 'vitlens:NAME'"
+
+FAMILIES = {
+    "hf": "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; classifier or backbone",
+    "timm": "timm VisionTransformer: ViT, DeiT, distilled DeiT, register tokens, any patch size, non-square grids",
+}
+
+
+def wrap(module: nn.Module) -> VitModel:
+    """Wrap an already built timm or transformers module."""
+    from vitlens.models.hf import HFVitModel, is_hf_model
+    from vitlens.models.timm_adapter import TimmVitModel, is_timm_vit
+
+    if is_timm_vit(module):
+        return TimmVitModel(module.eval())
+    if is_hf_model(module):
+        return HFVitModel(module.eval())
+    raise VitlensError(
+        f"{type(module).__name__} is not a supported ViT-family model (no attention blocks vitlens knows); "
+        f"supported: {'; '.join(FAMILIES.values())}"
+    )
+
+
+def load_model(
+    spec: str | Path | nn.Module | VitModel,
+    *,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    device: str | None = None,
+) -> VitModel:
+    """Load a ViT-family model from ``spec``; see SPEC_HELP. ``image_size`` overrides the preprocessing size."""
+    if image_size is not None and image_size < 1:
+        raise VitlensError(f"--image-size must be a positive number of pixels, got {image_size}")
+    model = _load(spec, weights, image_size)
+    if device is not None:
+        model.to(_check_device(device))
+    return model
+
+
+def _load(spec, weights, image_size) -> VitModel:
+    if isinstance(spec, VitModel):
+        model = spec
+    elif isinstance(spec, nn.Module):
+        model = wrap(spec)
+    else:
+        text = str(spec)
+        if text.startswith("timm:"):
+            from vitlens.models.timm_adapter import load_timm
+
+            return load_timm(text[5:], weights=weights, image_size=image_size)
+        if weights is not None:
+            raise VitlensError("weights=FILE is for timm models; an HF folder holds its own weights")
+        from vitlens.models.hf import load_hf
+
+        if text.startswith("vitlens:"):
+            name = text[8:]
+            found = zoo.zoo_models()
+            if name not in found:
+                have = ", ".join(found) or "none installed"
+                raise VitlensError(f"no embedded model {name!r}; available: {have} (see `vitlens models`)")
+            return load_hf(str(found[name]), image_size=image_size)
+        if text.startswith("hf:"):
+            return load_hf(text[3:], image_size=image_size)
+        if Path(text).is_dir():
+            if not (Path(text) / "config.json").is_file():
+                raise VitlensError(f"folder {text} has no config.json; pass a folder written by save_pretrained")
+            return load_hf(text, image_size=image_size)
+        raise VitlensError(f"cannot load model {text!r}: expected {SPEC_HELP}")
+    if image_size:
+        model.preprocess = model.preprocess.with_size(image_size)
+    return model
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VitlensError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise VitlensError(f"unknown device {device!r}; use cpu or cuda")
+    return device

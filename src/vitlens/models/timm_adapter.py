@@ -1,0 +1,158 @@
+"""Adapter for timm VisionTransformer models (DeiT, distilled DeiT, register tokens, any patch size or grid)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlens.errors import VitlensError
+from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from vitlens.layout import TokenLayout
+from vitlens.models.base import AttentionSite, VitModel
+
+
+def is_timm_vit(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm VisionTransformer (or subclass, e.g. the distilled DeiT)."""
+    return any(c.__module__.startswith("timm.") and c.__name__ == "VisionTransformer" for c in type(module).mro())
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def timm_preprocess(module: nn.Module) -> Preprocess:
+    """Preprocessing from the model's pretrained_cfg, with ImageNet defaults."""
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size", (3, *_pair(module.patch_embed.img_size)))[1:]
+    interp = cfg.get("interpolation", "bicubic")
+    return Preprocess(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0),
+        interpolation=interp if interp in ("bilinear", "bicubic", "nearest", "lanczos") else "bicubic",
+    )
+
+
+def _imagenet_labels(num_classes: int) -> list[str] | None:
+    if num_classes != 1000:
+        return None
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo("imagenet-1k")
+        return [info.index_to_description(i) for i in range(1000)]
+    except Exception:  # labels are a convenience; never fail a load over them
+        return None
+
+
+class TimmVitModel(VitModel):
+    """A timm VisionTransformer."""
+
+    family = "timm-vit"
+
+    def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
+        pool = getattr(module, "global_pool", "token")
+        distilled = getattr(module, "dist_token", None) is not None
+        if distilled and not getattr(module, "distilled_training", False):
+            self._readout = "cls+dist"
+        elif pool == "token":
+            self._readout = "cls"
+        elif pool in ("avg", "avgmax", "max"):
+            self._readout = "mean"
+        else:
+            raise VitlensError(
+                f"timm global_pool={pool!r} is not supported (rollout needs 'token' or 'avg' pooling); "
+                "recreate the model with global_pool='token' or 'avg'"
+            )
+        num_classes = int(getattr(module, "num_classes", 0) or 0)
+        super().__init__(
+            module,
+            preprocess or timm_preprocess(module),
+            num_classes=num_classes or None,
+            labels=_imagenet_labels(num_classes),
+            patch_size=_pair(module.patch_embed.patch_size),
+        )
+
+    def _attention_sites(self) -> list[AttentionSite]:
+        sites = []
+        for blk in getattr(self.module, "blocks", []):
+            attn = getattr(blk, "attn", None)
+            if attn is None or not hasattr(attn, "attn_drop"):
+                return []
+            sites.append((attn.attn_drop, _output))
+        return sites
+
+    def _use_explicit_attention(self) -> Callable[[], None]:
+        attns = [blk.attn for blk in self.module.blocks]
+        saved = [(a, a.fused_attn) for a in attns]
+        for a in attns:
+            a.fused_attn = False
+
+        def undo() -> None:
+            for a, flag in saved:
+                a.fused_attn = flag
+
+        return undo
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Prefix tokens (CLS, distillation, registers), patch grid and pooling."""
+        ph, pw = self.patch_size
+        return TokenLayout(int(self.module.num_prefix_tokens), (image_size[0] // ph, image_size[1] // pw), self._readout)
+
+
+def _output(args, output) -> torch.Tensor:
+    return output
+
+
+def load_timm(name: str, weights: str | Path | None = None, image_size: int | None = None, **kwargs) -> TimmVitModel:
+    """Create a timm model: hub weights by default, or ``weights`` from a local .safetensors/.pth file."""
+    try:
+        import timm
+    except ImportError:
+        raise VitlensError("loading timm models needs timm: pip install 'vitlens[timm]'") from None
+    except RuntimeError as e:  # a torchvision build that does not match torch breaks timm's import
+        raise VitlensError(f"timm failed to import ({str(e).splitlines()[0]}); install a torchvision matching torch") from None
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        raise VitlensError(f"unknown timm model {name!r}; see timm.list_models('vit*')")
+    try:
+        module = timm.create_model(name, pretrained=weights is None, **kwargs)
+    except Exception as e:
+        raise VitlensError(
+            f"could not create timm model {name!r} with hub weights ({type(e).__name__}); offline? "
+            "pass a local weights file (--weights FILE)"
+        ) from None
+    if weights is not None:
+        try:
+            module.load_state_dict(_read_state_dict(Path(weights)))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:160]
+            raise VitlensError(f"weights {weights} do not fit timm model {name!r} ({first}); check the model name") from None
+    pre = timm_preprocess(module)
+    if image_size:
+        pre = pre.with_size(image_size)
+    return TimmVitModel(module.eval(), pre)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise VitlensError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VitlensError(f"cannot read weights {path}: {type(e).__name__}; expected a .safetensors or .pth state dict") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return sd
