@@ -43,7 +43,7 @@ class AttentionRecord:
         """
         idx = self.captured()
         if not idx:
-            raise VitlensError("no attention was recorded: run the model inside record(grads=True) before asking for grads")
+            raise VitlensError("no attention was recorded: run the model inside record(grads=True) first")
         tensors = [self.probs[i] for i in idx]
         if not all(t.requires_grad for t in tensors):
             raise VitlensError("attention was recorded without gradients: use record(grads=True)")

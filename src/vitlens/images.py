@@ -51,14 +51,16 @@ def load_image(path: str | Path) -> Image.Image:
     if not p.exists():
         raise VitlensError(f"image not found: {p}; check the path")
     if p.is_dir():
-        raise VitlensError(f"{p} is a folder, not an image; pass image files (or the folder to a command that takes one)")
+        raise VitlensError(f"{p} is a folder, not an image; pass image files (commands also take a folder)")
     try:
         with Image.open(p) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise VitlensError(f"cannot read image {p}: not a valid image file ({type(e).__name__}); re-save it as PNG or JPEG") from None
+        raise VitlensError(
+            f"cannot read image {p}: not a valid image file ({type(e).__name__}); re-save it as PNG or JPEG"
+        ) from None
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:

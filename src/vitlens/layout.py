@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vitlens.errors import VitlensError
+
 READOUTS = ("cls", "cls+dist", "mean", "cls+mean")
 
 
@@ -49,7 +51,9 @@ class TokenLayout:
         """Whether token 0 is a CLS token (every readout but 'mean' pools from it)."""
         return self.num_prefix >= 1
 
-    def readout_weights(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def readout_weights(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Weights w [N] such that the pooled representation is sum_i w_i * token_i (before any final norm)."""
         w = torch.zeros(self.num_tokens, device=device, dtype=dtype)
         patches = slice(self.num_prefix, self.num_tokens)
@@ -68,7 +72,5 @@ class TokenLayout:
         """Token index of patch (row, col); raises a clear error when it lies outside the grid."""
         gh, gw = self.grid
         if not (0 <= row < gh and 0 <= col < gw):
-            from vitlens.errors import VitlensError
-
-            raise VitlensError(f"patch ({row}, {col}) is outside the {gh}x{gw} patch grid; pick 0<=row<{gh}, 0<=col<{gw}")
+            raise VitlensError(f"patch ({row}, {col}) is outside the {gh}x{gw} patch grid; use 0<=row<{gh}, 0<=col<{gw}")
         return self.num_prefix + row * gw + col

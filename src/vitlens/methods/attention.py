@@ -55,7 +55,11 @@ class AttentionMaps(Method):
         if isinstance(self.query, tuple):
             layout.patch_index(*self.query)  # fail before the forward pass
         rows: dict[int, torch.Tensor] = {}
-        with torch.no_grad(), self.model.record(stream=lambda i, p: rows.__setitem__(i, query_rows(p, layout, self.query))):
+
+        def keep_row(i: int, probs: torch.Tensor) -> None:
+            rows[i] = query_rows(probs, layout, self.query)
+
+        with torch.no_grad(), self.model.record(stream=keep_row):
             logits = self.model(x)
         per_head = torch.stack([rows[i] for i in sorted(rows)], 1).float()
         return Explanation(

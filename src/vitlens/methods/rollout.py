@@ -54,7 +54,7 @@ def readout(rollout: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 class RolloutAccumulator:
-    """Consumes fused per-block matrices in forward order and keeps R = A_l ... A_start (and optional per-depth maps)."""
+    """Consumes fused per-block matrices in forward order, keeping R = A_l ... A_start (and per-depth maps)."""
 
     def __init__(self, layout: TokenLayout, start_layer: int, discard_ratio: float, residual_weight: float,
                  normalize: bool, per_layer: bool) -> None:
@@ -116,7 +116,8 @@ class Rollout(Method):
         """Explanation from a filled accumulator."""
         extras = {}
         if self.per_layer:
-            extras["per_layer"] = max_normalize(torch.stack(acc.depth_maps, 1))
+            depth = torch.stack(acc.depth_maps, 1).float()  # [B, L', gh, gw], each depth divided by its own max
+            extras["per_layer"] = max_normalize(depth.flatten(0, 1)).view_as(depth)
             extras["per_layer_blocks"] = torch.arange(self.start_layer, self.model.num_blocks)
         return Explanation(
             maps=max_normalize(readout(acc.result, acc.layout).float()),

@@ -131,4 +131,5 @@ class VitModel:
         return record(self, grads=grads, blocks=blocks, stream=stream)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.module).__name__}, blocks={self.num_blocks}, classes={self.num_classes})"
+        name = type(self.module).__name__
+        return f"{type(self).__name__}({name}, blocks={self.num_blocks}, classes={self.num_classes})"

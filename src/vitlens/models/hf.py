@@ -99,7 +99,8 @@ class HFVitModel(VitModel):
             return "cls+dist"
         if t.startswith("dinov2") and self.has_head:
             return "cls+mean"
-        if t == "beit" and getattr(self.config, "use_mean_pooling", False) and (self.has_head or _has_pooler(self.module)):
+        mean_pool = getattr(self.config, "use_mean_pooling", False)
+        if t == "beit" and mean_pool and (self.has_head or _has_pooler(self.module)):
             return "mean"
         return "cls"
 

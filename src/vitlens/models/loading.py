@@ -10,10 +10,10 @@ from vitlens.errors import VitlensError
 from vitlens.models import zoo
 from vitlens.models.base import VitModel
 
-SPEC_HELP = "an nn.Module, 'hf:ORG/NAME', a local HF folder, 'timm:NAME' (optionally with weights=FILE) or 'vitlens:NAME'"
+SPEC_HELP = "an nn.Module, 'hf:ORG/NAME', a local HF folder, 'timm:NAME' (with optional weights=FILE) or 'vitlens:NAME'"
 
 FAMILIES = {
-    "hf": "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; classifier or backbone",
+    "hf": "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; head or backbone",
     "timm": "timm VisionTransformer: ViT, DeiT, distilled DeiT, register tokens, any patch size, non-square grids",
 }
 

@@ -104,7 +104,8 @@ class TimmVitModel(VitModel):
     def layout(self, image_size: tuple[int, int]) -> TokenLayout:
         """Prefix tokens (CLS, distillation, registers), patch grid and pooling."""
         ph, pw = self.patch_size
-        return TokenLayout(int(self.module.num_prefix_tokens), (image_size[0] // ph, image_size[1] // pw), self._readout)
+        grid = (image_size[0] // ph, image_size[1] // pw)
+        return TokenLayout(int(self.module.num_prefix_tokens), grid, self._readout)
 
 
 def _output(args, output) -> torch.Tensor:
@@ -118,7 +119,8 @@ def load_timm(name: str, weights: str | Path | None = None, image_size: int | No
     except ImportError:
         raise VitlensError("loading timm models needs timm: pip install 'vitlens[timm]'") from None
     except RuntimeError as e:  # a torchvision build that does not match torch breaks timm's import
-        raise VitlensError(f"timm failed to import ({str(e).splitlines()[0]}); install a torchvision matching torch") from None
+        first = str(e).splitlines()[0]
+        raise VitlensError(f"timm failed to import ({first}); install a torchvision that matches torch") from None
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise VitlensError(f"unknown timm model {name!r}; see timm.list_models('vit*')")
     try:
@@ -133,7 +135,7 @@ def load_timm(name: str, weights: str | Path | None = None, image_size: int | No
             module.load_state_dict(_read_state_dict(Path(weights)))
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0][:160]
-            raise VitlensError(f"weights {weights} do not fit timm model {name!r} ({first}); check the model name") from None
+            raise VitlensError(f"weights {weights} do not fit timm model {name!r} ({first}); check the name") from None
     pre = timm_preprocess(module)
     if image_size:
         pre = pre.with_size(image_size)
@@ -151,7 +153,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise VitlensError(f"cannot read weights {path}: {type(e).__name__}; expected a .safetensors or .pth state dict") from None
+        kind = type(e).__name__
+        raise VitlensError(f"cannot read weights {path}: {kind}; expected a .safetensors or .pth state dict") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
