@@ -72,5 +72,5 @@ class TokenLayout:
         """Token index of patch (row, col); raises a clear error when it lies outside the grid."""
         gh, gw = self.grid
         if not (0 <= row < gh and 0 <= col < gw):
-            raise VitlensError(f"patch ({row}, {col}) is outside the {gh}x{gw} patch grid; use 0<=row<{gh}, 0<=col<{gw}")
+            raise VitlensError(f"patch ({row}, {col}) is outside the {gh}x{gw} patch grid (0<=row<{gh}, 0<=col<{gw})")
         return self.num_prefix + row * gw + col
