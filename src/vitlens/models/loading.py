@@ -39,17 +39,25 @@ def load_model(
     weights: str | Path | None = None,
     image_size: int | None = None,
     device: str | None = None,
+    model_kwargs: dict | None = None,
 ) -> VitModel:
-    """Load a ViT-family model from ``spec``; see SPEC_HELP. ``image_size`` overrides the preprocessing size."""
+    """Load a ViT-family model from ``spec``; see SPEC_HELP.
+
+    ``weights`` is a local .safetensors/.pth state dict for a ``timm:NAME`` model (hub weights otherwise), and
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``num_classes``, ``img_size``). ``image_size`` overrides the
+    preprocessing size.
+    """
     if image_size is not None and image_size < 1:
         raise VitlensError(f"--image-size must be a positive number of pixels, got {image_size}")
-    model = _load(spec, weights, image_size)
+    model = _load(spec, weights, image_size, model_kwargs or {})
     if device is not None:
         model.to(_check_device(device))
     return model
 
 
-def _load(spec, weights, image_size) -> VitModel:
+def _load(spec, weights, image_size, model_kwargs: dict) -> VitModel:
+    if not isinstance(spec, (str, Path)) and (weights is not None or model_kwargs):
+        raise VitlensError("weights and model kwargs are for timm:NAME specs, not for an already built model")
     if isinstance(spec, VitModel):
         model = spec
     elif isinstance(spec, nn.Module):
@@ -59,9 +67,9 @@ def _load(spec, weights, image_size) -> VitModel:
         if text.startswith("timm:"):
             from vitlens.models.timm_adapter import load_timm
 
-            return load_timm(text[5:], weights=weights, image_size=image_size)
-        if weights is not None:
-            raise VitlensError("weights=FILE is for timm models; an HF folder holds its own weights")
+            return load_timm(text[5:], weights=weights, image_size=image_size, **model_kwargs)
+        if weights is not None or model_kwargs:
+            raise VitlensError("weights and model kwargs are for timm:NAME models; an HF folder holds its own")
         from vitlens.models.hf import load_hf
 
         if text.startswith("vitlens:"):

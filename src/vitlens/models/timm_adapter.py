@@ -26,7 +26,7 @@ def _pair(v) -> tuple[int, int]:
 def timm_preprocess(module: nn.Module) -> Preprocess:
     """Preprocessing from the model's pretrained_cfg, with ImageNet defaults."""
     cfg = getattr(module, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size", (3, *_pair(module.patch_embed.img_size)))[1:]
+    size = _pair(module.patch_embed.img_size)  # the built model's size; pretrained_cfg keeps the hub default
     interp = cfg.get("interpolation", "bicubic")
     return Preprocess(
         size=(int(size[0]), int(size[1])),
