@@ -1,32 +1,37 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip --quiet --disable-pip-version-check
+# torch always comes through constraints.txt (the local CPU build); letting pip choose pulls CUDA wheels.
+INSTALL := $(PIP) install -c constraints.txt
 
 .PHONY: demo test lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
+	$(INSTALL) torch==2.13.0
 
-# torch comes through constraints.txt (the local CPU build); letting pip choose pulls CUDA wheels.
-$(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
-	touch $(STAMP)
-
-demo: $(STAMP)
+# The demo needs the library and transformers only. timm's dependency torchvision, where its PyPI build cannot
+# load against the CPU torch, also breaks `import transformers`; the demo environment then goes without it.
+demo: $(PY)
+	$(INSTALL) -e ".[hf]"
+	@$(PY) -c "import torchvision" >/dev/null 2>&1 || ! $(PY) -m pip show torchvision >/dev/null 2>&1 || \
+		{ echo "removing torchvision: its build cannot load against this torch (make test puts it back)"; \
+		  $(PIP) uninstall -y torchvision; }
 	$(VENV)/bin/vitlens demo --out out/demo
 
-test: $(STAMP)
+# The tests need timm and transformers; tests/conftest.py works around a torchvision that cannot load its ops.
+test: $(PY)
+	$(INSTALL) -e ".[test]"
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(PY)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(PY)
+	$(INSTALL) -e ".[test]"
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_memory.py
 
 clean:
-	rm -rf $(VENV) out build *.egg-info src/*.egg-info
+	rm -rf $(VENV) out build src/*.egg-info

@@ -155,12 +155,32 @@ def _has_pooler(module: nn.Module) -> bool:
     return getattr(base, "pooler", None) is not None
 
 
-def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
-    """Load a transformers image model from a local folder or the hub (classifier if the config names one)."""
+def import_transformers():
+    """Import transformers with one clear line when it is missing or cannot load (e.g. a mismatched torchvision)."""
     try:
         import transformers
-    except ImportError:
-        raise VitlensError("loading Hugging Face models needs transformers: pip install 'vitlens[hf]'") from None
+
+        transformers.AutoConfig  # noqa: B018 - the lazy module imports its torch parts here
+        transformers.PreTrainedModel  # noqa: B018
+    except ImportError as e:
+        if getattr(e, "name", None) == "transformers":
+            raise VitlensError("loading Hugging Face models needs transformers: pip install 'vitlens[hf]'") from None
+        raise VitlensError(_broken_import_message(e)) from None
+    except RuntimeError as e:
+        raise VitlensError(_broken_import_message(e)) from None
+    return transformers
+
+
+def _broken_import_message(e: Exception) -> str:
+    cause = e.__cause__ or e
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:120]
+    hint = "; the installed torchvision does not match torch: uninstall it or install the matching build"
+    return f"transformers failed to import ({first}){hint if 'torchvision' in str(cause) else ''}"
+
+
+def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
+    """Load a transformers image model from a local folder or the hub (classifier if the config names one)."""
+    transformers = import_transformers()
     local = Path(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path)
