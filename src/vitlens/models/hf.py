@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -178,6 +179,19 @@ def _broken_import_message(e: Exception) -> str:
     return f"transformers failed to import ({first}){hint if 'torchvision' in str(cause) else ''}"
 
 
+@contextmanager
+def _quiet_progress(transformers) -> Iterator[None]:
+    """transformers draws a weight-loading progress bar on stderr; vitlens keeps stderr for its own lines."""
+    logging = transformers.utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
     """Load a transformers image model from a local folder or the hub (classifier if the config names one)."""
     transformers = import_transformers()
@@ -191,7 +205,8 @@ def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
                 cls = getattr(transformers, archs[0])
         else:
             cls = transformers.AutoModel
-        module = cls.from_pretrained(name_or_path, attn_implementation="eager")
+        with _quiet_progress(transformers):
+            module = cls.from_pretrained(name_or_path, attn_implementation="eager")
     except (OSError, ValueError, KeyError) as e:
         where = "folder" if local.exists() else "hub model"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
