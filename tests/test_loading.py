@@ -122,3 +122,20 @@ def test_unsupported_hf_family():
 def test_hf_preprocess_fallback_is_imagenet():
     pre = hf_mod.hf_preprocess(hf_vit().config)
     assert pre.mean == vitlens.images.IMAGENET_MEAN and pre.size == (32, 32)
+
+
+def test_hub_name_loads_from_the_local_hub_cache_offline(tmp_path, monkeypatch):
+    """The hub path is real code: an offline hub cache laid out as huggingface_hub writes it serves `hf:ORG/NAME`."""
+    snapshot = tmp_path / "models--someorg--tiny-vit" / "snapshots" / ("0" * 40)
+    hf_vit().save_pretrained(snapshot)
+    (snapshot / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    (tmp_path / "models--someorg--tiny-vit" / "refs").mkdir()
+    (tmp_path / "models--someorg--tiny-vit" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    model = vitlens.load_model("hf:someorg/tiny-vit")
+    assert model.num_blocks == 3 and model.preprocess.mean == (0.5, 0.5, 0.5)

@@ -192,6 +192,17 @@ def _quiet_progress(transformers) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def _hub_folder(transformers, name: str) -> Path | None:
+    """Folder of a hub model's cached preprocessor_config.json, if it has one."""
+    try:
+        found = transformers.utils.cached_file(
+            name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
+        )
+    except (OSError, ValueError):
+        return None
+    return Path(found).parent if found else None
+
+
 def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
     """Load a transformers image model from a local folder or the hub (classifier if the config names one)."""
     transformers = import_transformers()
@@ -214,7 +225,7 @@ def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
             f"could not load Hugging Face {where} {name_or_path!r}: {first[:200]} "
             "(offline? pass a local folder written by save_pretrained)"
         ) from None
-    pre = hf_preprocess(config, local if local.is_dir() else None)
+    pre = hf_preprocess(config, local if local.is_dir() else _hub_folder(transformers, name_or_path))
     if image_size:
         pre = pre.with_size(image_size)
     return HFVitModel(module.eval(), pre)
