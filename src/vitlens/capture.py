@@ -15,21 +15,27 @@ if TYPE_CHECKING:
     from vitlens.models.base import VitModel
 
 StreamFn = Callable[[int, torch.Tensor], None]
+ToGlobal = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class AttentionRecord:
     """Attention probabilities [B, H, N, N] per block, in global token coordinates, from the last forward pass.
 
-    ``probs[i]`` is None for blocks that were not selected (or were streamed instead of stored).
+    ``probs[i]`` is None for blocks that were not selected (or were streamed instead of stored). ``meta[i]`` holds
+    what an adapter knows about block i's geometry (e.g. Swin's window of every token), when it says anything.
     """
 
     num_blocks: int
-    keep: bool = True
     probs: list[torch.Tensor | None] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.probs = [None] * self.num_blocks
+        self.meta = [{} for _ in range(self.num_blocks)]
+        # what the model computed (e.g. Swin's [B*nW, H, M^2, M^2] windows) and how it maps to global coordinates
+        self._raw: list[torch.Tensor | None] = [None] * self.num_blocks
+        self._to_global: list[ToGlobal | None] = [None] * self.num_blocks
 
     def captured(self) -> list[int]:
         """Indices of the blocks whose attention was stored."""
@@ -44,13 +50,15 @@ class AttentionRecord:
         idx = self.captured()
         if not idx:
             raise VitlensError("no attention was recorded: run the model inside record(grads=True) first")
-        tensors = [self.probs[i] for i in idx]
+        tensors = [self._raw[i] for i in idx]
         if not all(t.requires_grad for t in tensors):
             raise VitlensError("attention was recorded without gradients: use record(grads=True)")
         got = torch.autograd.grad(score.sum(), tensors, retain_graph=retain_graph, allow_unused=True)
         out: list[torch.Tensor | None] = [None] * self.num_blocks
         for i, g in zip(idx, got):
-            out[i] = torch.zeros_like(self.probs[i]) if g is None else g
+            g = torch.zeros_like(self._raw[i]) if g is None else g
+            to_global = self._to_global[i]
+            out[i] = g if to_global is None else to_global(g)
         return out
 
 
@@ -110,20 +118,25 @@ def record(
             if i not in selected:
                 continue
 
-            def hook(mod, args, output, i=i, extract=extract) -> None:
-                probs = extract(args, output)
-                if probs is None:
+            def hook(mod, args, kwargs, output, i=i, extract=extract) -> None:
+                got = extract(mod, args, kwargs, output)
+                if got is None:
                     raise VitlensError(
                         f"block {i} of {type(model.module).__name__} returned no attention weights; "
                         "the model must compute attention explicitly (HF: attn_implementation='eager')"
                     )
+                raw, to_global, meta = got if isinstance(got, tuple) else (got, None, {})
+                if raw is None:
+                    raise VitlensError(f"block {i} of {type(model.module).__name__} returned no attention weights")
+                probs = raw if to_global is None else to_global(raw)
+                rec.meta[i] = meta
                 if stream is not None:
                     stream(i, probs)
                     if not grads:
                         return
-                rec.probs[i] = probs
+                rec.probs[i], rec._raw[i], rec._to_global[i] = probs, raw, to_global
 
-            handle = site.register_forward_hook(hook)
+            handle = site.register_forward_hook(hook, with_kwargs=True)
             stack.callback(handle.remove)
         yield rec
 

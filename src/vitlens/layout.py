@@ -74,3 +74,29 @@ class TokenLayout:
         if not (0 <= row < gh and 0 <= col < gw):
             raise VitlensError(f"patch ({row}, {col}) is outside the {gh}x{gw} patch grid (0<=row<{gh}, 0<=col<{gw})")
         return self.num_prefix + row * gw + col
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The token grids of a hierarchical model and the linear maps between them.
+
+    ``layouts[s]`` is stage s's layout, ``block_stage[i]`` the stage of block i, and ``transitions[s]`` the
+    [N_{s+1}, N_s] matrix that carries stage s's tokens to stage s+1's (Swin's patch merging: each merged token is
+    the mean of its 2x2 parents). A plain ViT has one stage and no transitions.
+    """
+
+    layouts: tuple[TokenLayout, ...]
+    block_stage: tuple[int, ...]
+    transitions: tuple[torch.Tensor, ...] = ()
+
+    def chain(self, stage: int) -> torch.Tensor | None:
+        """[N_stage, N_0] product of the transitions up to ``stage`` (None for stage 0)."""
+        out = None
+        for t in self.transitions[:stage]:
+            out = t if out is None else t @ out
+        return out
+
+    def ancestors(self, stage: int) -> torch.Tensor | None:
+        """[N_0, N_stage] 0/1 matrix: which stage-``stage`` token each first-stage token was merged into."""
+        c = self.chain(stage)
+        return None if c is None else (c > 0).to(c.dtype).T

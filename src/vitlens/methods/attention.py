@@ -49,20 +49,42 @@ class AttentionMaps(Method):
         self.query = parse_query(query) if isinstance(query, str) else tuple(query)
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
-        """Attention maps for a batch (``target`` is ignored)."""
+        """Attention maps for a batch (``target`` is ignored). On a hierarchical model (Swin) every block's map is
+        drawn on the first stage's grid: each first-stage patch shows the value of the token it was merged into, and
+        a patch query (row, col) in first-stage coordinates selects, in later stages, the token that contains it."""
         x = self.batch(x)
-        layout = self.model.layout(tuple(x.shape[-2:]))
+        plan = self.model.stage_plan(tuple(x.shape[-2:]))
+        first = plan.layouts[0]
         if isinstance(self.query, tuple):
-            layout.patch_index(*self.query)  # fail before the forward pass
+            first.patch_index(*self.query)  # fail before the forward pass
+        stages = {s: (plan.layouts[s], plan.ancestors(s)) for s in set(plan.block_stage)}
         rows: dict[int, torch.Tensor] = {}
 
         def keep_row(i: int, probs: torch.Tensor) -> None:
-            rows[i] = query_rows(probs, layout, self.query)
+            layout, up = stages[plan.block_stage[i]]
+            query = self.query
+            if up is not None and isinstance(query, tuple):
+                p0 = first.patch_index(*query) - first.num_prefix
+                t = int(up[p0].argmax())
+                query = divmod(t, layout.grid[1])
+            row = query_rows(probs, layout, query)
+            if up is not None:
+                row = (row.flatten(2) @ up.to(row.device, row.dtype).T).reshape(*row.shape[:2], *first.grid)
+            rows[i] = row
 
         with torch.no_grad(), self.model.record(stream=keep_row):
             logits = self.model(x)
-        per_head = torch.stack([rows[i] for i in sorted(rows)], 1).float()
+        per_head = _stack_heads([rows[i] for i in sorted(rows)])
+        last = rows[max(rows)]
         return Explanation(
-            maps=max_normalize(per_head[:, -1].mean(1)), method=self.name, params={"query": self.query},
-            logits=logits, probs=self.probs_or_none(logits), extras={"per_head": per_head},
+            maps=max_normalize(last.float().mean(1)), method=self.name, params={"query": self.query},
+            logits=logits, probs=self.probs_or_none(logits),
+            extras={"per_head": per_head, "num_heads": torch.tensor([rows[i].shape[1] for i in sorted(rows)])},
         )
+
+
+def _stack_heads(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[B, H_l, gh, gw] per block -> [B, L, max H, gh, gw]; blocks with fewer heads (Swin stages) are NaN-padded."""
+    h = max(r.shape[1] for r in rows)
+    padded = [torch.cat([r, r.new_full((r.shape[0], h - r.shape[1], *r.shape[2:]), float("nan"))], 1) for r in rows]
+    return torch.stack(padded, 1).float()

@@ -34,12 +34,12 @@ class GradRollout(Rollout):
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Class-specific rollout maps for a batch; ``target`` defaults to each sample's top-1 class."""
         x = self.batch(x)
-        layout = self.model.layout(tuple(x.shape[-2:]))
+        plan = self.model.stage_plan(tuple(x.shape[-2:]))
         with self.model.record(grads=True, blocks=range(self.start_layer, self.model.num_blocks)) as rec:
             logits = self.model(x)
             t = self.model.check_target(target, logits)
             grads = rec.grads(logits.gather(1, t[:, None]))
-        acc = self.accumulator(layout)
+        acc = self.accumulator(plan)
         with torch.no_grad():
             for i in rec.captured():
                 acc.add(i, (rec.probs[i] * grads[i]).mean(1).clamp_min(0))

@@ -8,7 +8,7 @@ import torch
 
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
-from vitlens.layout import TokenLayout
+from vitlens.layout import StagePlan, TokenLayout
 from vitlens.methods.base import Images, Method, Target, check_choice, check_range
 from vitlens.models.base import VitModel
 
@@ -46,32 +46,55 @@ def add_residual(a: torch.Tensor, residual_weight: float, normalize: bool) -> to
     return a
 
 
-def readout(rollout: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """[B, N, N] rollout -> [B, gh, gw]: the pooled row (how the model pools) over the patch tokens only."""
-    w = layout.readout_weights(rollout.device, rollout.dtype)
-    row = torch.einsum("n,bnm->bm", w, rollout)[:, layout.num_prefix :]
-    return row.reshape(-1, *layout.grid)
+def readout(rollout: torch.Tensor, pooled: TokenLayout, first: TokenLayout) -> torch.Tensor:
+    """[B, N_s, N_0] rollout -> [B, gh, gw]: the model's pooled row (weights from the last stage's layout ``pooled``)
+    over the first stage's patch tokens (``first``; prefix tokens removed)."""
+    w = pooled.readout_weights(rollout.device, rollout.dtype)
+    row = torch.einsum("n,bnm->bm", w, rollout)[:, first.num_prefix :]
+    return row.reshape(-1, *first.grid)
 
 
 class RolloutAccumulator:
-    """Consumes fused per-block matrices in forward order, keeping R = A_l ... A_start (and per-depth maps)."""
+    """Consumes fused per-block matrices in forward order, keeping R = A_l ... A_start (and per-depth maps).
 
-    def __init__(self, layout: TokenLayout, start_layer: int, discard_ratio: float, residual_weight: float,
+    Between stages (Swin), R is carried to the next token grid by the stage's transition matrix, so R is always
+    [B, N_current, N_0] and maps are drawn on the first stage's grid. Blocks before ``start_layer`` count as
+    identity.
+    """
+
+    def __init__(self, plan: StagePlan, start_layer: int, discard_ratio: float, residual_weight: float,
                  normalize: bool, per_layer: bool) -> None:
-        self.layout, self.start_layer = layout, start_layer
+        self.plan, self.start_layer = plan, start_layer
         self.discard_ratio, self.residual_weight, self.normalize = discard_ratio, residual_weight, normalize
         self.per_layer = per_layer
+        self.stage = 0
         self.result: torch.Tensor | None = None
+        self.chain: torch.Tensor | None = None  # transitions crossed before the first rolled-out block
         self.depth_maps: list[torch.Tensor] = []
+
+    def _advance(self, stage: int, like: torch.Tensor) -> None:
+        while self.stage < stage:
+            t = self.plan.transitions[self.stage].to(like.device, like.dtype)
+            if self.result is None:
+                self.chain = t if self.chain is None else t @ self.chain
+            else:
+                self.result = t @ self.result
+            self.stage += 1
 
     def add(self, block: int, fused: torch.Tensor) -> None:
         """Fold block ``block``'s fused attention [B, N, N] into the rollout (blocks before start_layer are skipped)."""
+        self._advance(self.plan.block_stage[block], fused)
         if block < self.start_layer:
             return
         a = add_residual(discard_lowest(fused, self.discard_ratio), self.residual_weight, self.normalize)
-        self.result = a if self.result is None else torch.bmm(a, self.result)
+        base = self.result if self.result is not None else self.chain
+        self.result = a if base is None else a @ base
         if self.per_layer:
-            self.depth_maps.append(readout(self.result, self.layout))
+            self.depth_maps.append(self.map())
+
+    def map(self) -> torch.Tensor:
+        """[B, gh, gw] readout of the rollout so far."""
+        return readout(self.result, self.plan.layouts[self.stage], self.plan.layouts[0])
 
 
 class Rollout(Method):
@@ -107,9 +130,9 @@ class Rollout(Method):
         return dict(head_fusion=self.head_fusion, discard_ratio=self.discard_ratio, start_layer=self.start_layer,
                     residual_weight=self.residual_weight, normalize=self.normalize)
 
-    def accumulator(self, layout: TokenLayout) -> RolloutAccumulator:
+    def accumulator(self, plan: StagePlan) -> RolloutAccumulator:
         """A fresh accumulator with this method's options."""
-        return RolloutAccumulator(layout, self.start_layer, self.discard_ratio, self.residual_weight,
+        return RolloutAccumulator(plan, self.start_layer, self.discard_ratio, self.residual_weight,
                                   self.normalize, self.per_layer)
 
     def finish(self, acc: RolloutAccumulator, logits: torch.Tensor, target: torch.Tensor | None) -> Explanation:
@@ -120,7 +143,7 @@ class Rollout(Method):
             extras["per_layer"] = max_normalize(depth.flatten(0, 1)).view_as(depth)
             extras["per_layer_blocks"] = torch.arange(self.start_layer, self.model.num_blocks)
         return Explanation(
-            maps=max_normalize(readout(acc.result, acc.layout).float()),
+            maps=max_normalize(acc.map().float()),
             method=self.name, params=self.params, target=target, logits=logits.detach(),
             probs=self.probs_or_none(logits.detach()), extras=extras,
         )
@@ -128,7 +151,7 @@ class Rollout(Method):
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Rollout maps for a batch (``target`` is ignored: rollout is class-agnostic)."""
         x = self.batch(x)
-        acc = self.accumulator(self.model.layout(tuple(x.shape[-2:])))
+        acc = self.accumulator(self.model.stage_plan(tuple(x.shape[-2:])))
         with torch.no_grad(), self.model.record(stream=lambda i, p: acc.add(i, fuse_heads(p, self.head_fusion))):
             logits = self.model(x)
         return self.finish(acc, logits, None)

@@ -12,10 +12,13 @@ from torch import nn
 from vitlens.capture import AttentionRecord, StreamFn, record
 from vitlens.errors import VitlensError
 from vitlens.images import Preprocess
-from vitlens.layout import TokenLayout
+from vitlens.layout import StagePlan, TokenLayout
 
-# (module to hook, extract(args, output) -> probs [B, H, N, N] or None)
-AttentionSite = tuple[nn.Module, Callable[[Any, Any], torch.Tensor | None]]
+# (module to hook, extract(module, args, kwargs, output)). extract returns the probabilities [B, H, N, N] in global
+# token coordinates, or (raw, to_global, meta) when the model computes them in another shape (Swin's windows): raw is
+# the tensor the model used (gradients are taken with respect to it), to_global maps it (and its gradient) to
+# [B, H, N, N], meta describes the block's geometry. None means the block produced no weights.
+AttentionSite = tuple[nn.Module, Callable[[nn.Module, Any, Any, Any], Any]]
 
 
 class VitModel:
@@ -60,8 +63,12 @@ class VitModel:
         raise NotImplementedError
 
     def layout(self, image_size: tuple[int, int]) -> TokenLayout:
-        """Token layout for an input of this (height, width)."""
+        """Token layout (of the first stage, where maps are drawn) for an input of this (height, width)."""
         raise NotImplementedError
+
+    def stage_plan(self, image_size: tuple[int, int]) -> StagePlan:
+        """Stages of token grids and the maps between them; a plain ViT has one stage."""
+        return StagePlan((self.layout(image_size),), (0,) * self.num_blocks, ())
 
     # ---- public -------------------------------------------------------------------------------------------------
     @property

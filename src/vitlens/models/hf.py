@@ -147,7 +147,7 @@ class HFVitModel(VitModel):
         return TokenLayout(self._num_prefix(), (image_size[0] // ph, image_size[1] // pw), self._readout)
 
 
-def _second(args, output) -> torch.Tensor | None:
+def _second(module, args, kwargs, output) -> torch.Tensor | None:
     return output[1] if isinstance(output, tuple) and len(output) > 1 else None
 
 
@@ -203,7 +203,7 @@ def _hub_folder(transformers, name: str) -> Path | None:
     return Path(found).parent if found else None
 
 
-def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
+def load_hf(name_or_path: str, image_size: int | None = None) -> VitModel:
     """Load a transformers image model from a local folder or the hub (classifier if the config names one)."""
     transformers = import_transformers()
     local = Path(name_or_path)
@@ -228,4 +228,8 @@ def load_hf(name_or_path: str, image_size: int | None = None) -> HFVitModel:
     pre = hf_preprocess(config, local if local.is_dir() else _hub_folder(transformers, name_or_path))
     if image_size:
         pre = pre.with_size(image_size)
-    return HFVitModel(module.eval(), pre)
+    from vitlens.models.loading import wrap
+
+    model = wrap(module.eval())
+    model.preprocess = pre
+    return model

@@ -15,16 +15,22 @@ SPEC_HELP = "an nn.Module, 'hf:ORG/NAME', a local HF folder, 'timm:NAME' (with o
 FAMILIES = {
     "hf": "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; head or backbone",
     "timm": "timm VisionTransformer: ViT, DeiT, distilled DeiT, register tokens, any patch size, non-square grids",
+    "swin": "Swin Transformer: transformers SwinForImageClassification / SwinModel, timm SwinTransformer",
 }
 
 
 def wrap(module: nn.Module) -> VitModel:
     """Wrap an already built timm or transformers module."""
     from vitlens.models.hf import HFVitModel, is_hf_model
+    from vitlens.models.swin import HFSwinModel, TimmSwinModel, is_hf_swin, is_timm_swin
     from vitlens.models.timm_adapter import TimmVitModel, is_timm_vit
 
     if is_timm_vit(module):
         return TimmVitModel(module.eval())
+    if is_timm_swin(module):
+        return TimmSwinModel(module.eval())
+    if is_hf_swin(module):
+        return HFSwinModel(module.eval())
     if is_hf_model(module):
         return HFVitModel(module.eval())
     raise VitlensError(

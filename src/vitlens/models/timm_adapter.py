@@ -108,11 +108,11 @@ class TimmVitModel(VitModel):
         return TokenLayout(int(self.module.num_prefix_tokens), grid, self._readout)
 
 
-def _output(args, output) -> torch.Tensor:
+def _output(module, args, kwargs, output) -> torch.Tensor:
     return output
 
 
-def load_timm(name: str, weights: str | Path | None = None, image_size: int | None = None, **kwargs) -> TimmVitModel:
+def load_timm(name: str, weights: str | Path | None = None, image_size: int | None = None, **kwargs) -> VitModel:
     """Create a timm model: hub weights by default, or ``weights`` from a local .safetensors/.pth file."""
     try:
         import timm
@@ -136,10 +136,12 @@ def load_timm(name: str, weights: str | Path | None = None, image_size: int | No
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0][:160]
             raise VitlensError(f"weights {weights} do not fit timm model {name!r} ({first}); check the name") from None
-    pre = timm_preprocess(module)
+    from vitlens.models.loading import wrap
+
+    model = wrap(module.eval())
     if image_size:
-        pre = pre.with_size(image_size)
-    return TimmVitModel(module.eval(), pre)
+        model.preprocess = model.preprocess.with_size(image_size)
+    return model
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,239 @@
+"""Swin Transformer adapters: window attention mapped back to image token coordinates, stages joined by merging.
+
+A Swin block computes attention inside M x M windows of a (padded, cyclically shifted) token grid. vitlens hands
+methods the same [B, heads, N, N] attention a ViT block has, over the stage's H x W token grid in image coordinates:
+the cyclic shift undone, padding tokens removed, entries between tokens of different windows exactly 0 (so rows
+lose the mass that went to padding tokens, which the model really attends to). Patch merging joins stages: each
+merged token is the mean of its 2x2 parents (of those inside the grid), the linear map rollout uses between grids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vitlens.errors import VitlensError
+from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from vitlens.layout import StagePlan, TokenLayout
+from vitlens.models.base import AttentionSite, VitModel
+
+
+def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                 pad_then_roll: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token of an H x W grid (row-major), its window index and its position inside the window.
+
+    HF pads the grid to a multiple of the window and then rolls it by -shift (``pad_then_roll=True``); timm rolls
+    the unpadded grid and pads afterwards. Windows are numbered row-major over the padded grid, as
+    ``window_partition`` orders them.
+    """
+    (h, w), (mh, mw), (sh, sw) = grid, window, shift
+    hp, wp = math.ceil(h / mh) * mh, math.ceil(w / mw) * mw
+    ri = torch.arange(hp)[:, None].expand(hp, wp)
+    rj = torch.arange(wp)[None, :].expand(hp, wp)
+    if pad_then_roll:
+        oi, oj = (ri + sh) % hp, (rj + sw) % wp
+        valid = (oi < h) & (oj < w)
+    else:
+        valid = (ri < h) & (rj < w)
+        oi, oj = (ri + sh) % h, (rj + sw) % w
+    win = (ri // mh) * (wp // mw) + rj // mw
+    tok = (ri % mh) * mw + rj % mw
+    token = (oi * w + oj)[valid]
+    win_of = torch.empty(h * w, dtype=torch.long)
+    tok_of = torch.empty(h * w, dtype=torch.long)
+    win_of[token] = win[valid]
+    tok_of[token] = tok[valid]
+    return win_of, tok_of
+
+
+def windows_to_global(raw: torch.Tensor, win_of: torch.Tensor, tok_of: torch.Tensor) -> torch.Tensor:
+    """[B*nW, heads, M^2, M^2] window attention -> [B, heads, N, N] over the grid's tokens (0 across windows)."""
+    num_windows = int(win_of.max()) + 1
+    n_win_total = raw.shape[0]
+    if n_win_total % num_windows:
+        raise VitlensError(f"window attention has {n_win_total} windows, not a multiple of {num_windows}")
+    b = n_win_total // num_windows
+    a = raw.reshape(b, num_windows, *raw.shape[1:]).transpose(1, 2)  # [B, heads, nW, T, T]
+    win_of, tok_of = win_of.to(raw.device), tok_of.to(raw.device)
+    g = a[:, :, win_of[:, None], tok_of[:, None], tok_of[None, :]]
+    same = (win_of[:, None] == win_of[None, :]).to(raw.dtype)
+    return g * same
+
+
+def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
+    """[N_next, N] patch-merging map of an H x W grid: merged token (i, j) is the mean of parents (2i+a, 2j+b)."""
+    h, w = grid
+    h2, w2 = math.ceil(h / 2), math.ceil(w / 2)
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    child = ((i // 2) * w2 + j // 2).reshape(-1)
+    m = torch.zeros(h2 * w2, h * w)
+    m[child, torch.arange(h * w)] = 1.0
+    return m / m.sum(1, keepdim=True)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _SwinBase(VitModel):
+    """What both Swin adapters share: window geometry per block, the stage plan, mean readout."""
+
+    pad_then_roll = True
+
+    def _stage_of_blocks(self) -> list[int]:
+        raise NotImplementedError
+
+    def _stage_grids(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+        ph, pw = self.patch_size
+        grid = (math.ceil(image_size[0] / ph), math.ceil(image_size[1] / pw))
+        grids = [grid]
+        for _ in range(max(self._stage_of_blocks())):
+            grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
+            grids.append(grid)
+        return grids
+
+    def layout(self, image_size: tuple[int, int]) -> TokenLayout:
+        """First-stage layout (no prefix tokens), where maps are drawn."""
+        return TokenLayout(0, self._stage_grids(image_size)[0], "mean")
+
+    def stage_plan(self, image_size: tuple[int, int]) -> StagePlan:
+        """One layout per stage, mean readout, patch-merging maps between stages."""
+        grids = self._stage_grids(image_size)
+        return StagePlan(
+            tuple(TokenLayout(0, g, "mean") for g in grids),
+            tuple(self._stage_of_blocks()),
+            tuple(merge_matrix(g) for g in grids[:-1]),
+        )
+
+    def _globalize(self, raw: torch.Tensor, stage: int, grid: tuple[int, int], window: tuple[int, int],
+                   shift: tuple[int, int]):
+        win_of, tok_of = window_index(grid, window, shift, self.pad_then_roll)
+        meta = {"stage": stage, "grid": grid, "window": window, "shift": shift, "window_id": win_of.view(grid)}
+        return raw, (lambda t: windows_to_global(t, win_of, tok_of)), meta
+
+
+class HFSwinModel(_SwinBase):
+    """transformers SwinForImageClassification / SwinModel."""
+
+    family = "hf-swin"
+
+    def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
+        from vitlens.models.hf import hf_preprocess
+
+        cfg = module.config
+        self.config = cfg
+        has_head = type(module).__name__.endswith("ForImageClassification")
+        labels = None
+        if has_head:
+            id2label = getattr(cfg, "id2label", None) or {}
+            labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(cfg.num_labels)]
+        self._layers = [m for m in module.modules() if type(m).__name__ in ("SwinLayer", "Swinv2Layer")]
+        self._depths = list(cfg.depths)
+        super().__init__(module, preprocess or hf_preprocess(cfg), num_classes=cfg.num_labels if has_head else None,
+                         labels=labels, multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
+                         patch_size=_pair(cfg.patch_size))
+
+    def _stage_of_blocks(self) -> list[int]:
+        return [s for s, d in enumerate(self._depths) for _ in range(d)]
+
+    def _attention_sites(self) -> list[AttentionSite]:
+        stages = self._stage_of_blocks()
+        return [(layer, self._extractor(layer, stages[i])) for i, layer in enumerate(self._layers)]
+
+    def _extractor(self, layer: nn.Module, stage: int) -> Callable:
+        def extract(module, args, kwargs, output):
+            raw = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if raw is None:
+                return None
+            dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+            grid = (int(dims[0]), int(dims[1]))
+            m, s = int(layer.window_size), int(layer.shift_size)
+            return self._globalize(raw, stage, grid, (m, m), (s, s))
+
+        return extract
+
+    def _use_explicit_attention(self) -> Callable[[], None]:
+        configs = {id(m.config): m.config for m in self.module.modules() if hasattr(m, "config")}
+        saved = [(c, c._attn_implementation) for c in configs.values()]
+        for c, _ in saved:
+            c._attn_implementation = "eager"
+
+        def undo() -> None:
+            for c, impl in saved:
+                c._attn_implementation = impl
+
+        return undo
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(pixel_values=x)
+        return out.logits if self.has_head else out.pooler_output
+
+
+class TimmSwinModel(_SwinBase):
+    """timm SwinTransformer (blocks take and return (B, H, W, C))."""
+
+    family = "timm-swin"
+    pad_then_roll = False
+
+    def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
+        if getattr(module, "global_pool", "avg") not in ("avg", ""):
+            raise VitlensError(f"timm Swin with global_pool={module.global_pool!r} is not supported; use 'avg'")
+        self._blocks = [blk for stage in module.layers for blk in stage.blocks]
+        self._stages = [s for s, stage in enumerate(module.layers) for _ in stage.blocks]
+        self._grid_of: dict[int, tuple[int, int]] = {}
+        cfg = getattr(module, "pretrained_cfg", None) or {}
+        size = _pair(module.patch_embed.img_size)
+        pre = preprocess or Preprocess(size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                                       std=tuple(cfg.get("std", IMAGENET_STD)), crop_pct=float(cfg.get("crop_pct", 1)))
+        num_classes = int(getattr(module, "num_classes", 0) or 0)
+        super().__init__(module, pre, num_classes=num_classes or None, patch_size=_pair(module.patch_embed.patch_size))
+
+    def _stage_of_blocks(self) -> list[int]:
+        return self._stages
+
+    def _attention_sites(self) -> list[AttentionSite]:
+        return [(blk.attn.attn_drop, self._extractor(i, blk)) for i, blk in enumerate(self._blocks)]
+
+    def _extractor(self, i: int, blk: nn.Module) -> Callable:
+        def extract(module, args, kwargs, output):
+            return self._globalize(output, self._stages[i], self._grid_of[i], _pair(blk.window_size),
+                                   _pair(blk.shift_size))
+
+        return extract
+
+    def _use_explicit_attention(self) -> Callable[[], None]:
+        saved = [(blk.attn, blk.attn.fused_attn) for blk in self._blocks]
+        for blk in self._blocks:
+            blk.attn.fused_attn = False
+
+        def remember(i: int):
+            def pre(module, args):
+                self._grid_of[i] = (int(args[0].shape[1]), int(args[0].shape[2]))
+
+            return pre
+
+        handles = [blk.register_forward_pre_hook(remember(i)) for i, blk in enumerate(self._blocks)]
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+            for a, flag in saved:
+                a.fused_attn = flag
+
+        return undo
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def is_hf_swin(module: nn.Module) -> bool:
+    """transformers Swin (v1) model."""
+    return getattr(getattr(module, "config", None), "model_type", None) == "swin"
+
+
+def is_timm_swin(module: nn.Module) -> bool:
+    """timm SwinTransformer."""
+    return any(c.__module__.startswith("timm.") and c.__name__ == "SwinTransformer" for c in type(module).mro())
