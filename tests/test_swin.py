@@ -134,3 +134,51 @@ def test_swin_attention_maps_on_first_grid_and_backbone():
     assert exp.extras["num_heads"].tolist() == [1, 1, 2, 2, 4, 4]
     backbone = vitlens.wrap(hf_swin(head=False))
     assert vitlens.Rollout(backbone).explain(x).maps.shape == (2, 16, 16)
+
+
+def test_swin_patch_view_rows_and_per_window():
+    from vitlens.swin_view import swin_patch_view
+
+    module, x = _build("hf-w4-padded")
+    model = vitlens.wrap(module)
+    with torch.no_grad(), model.record() as rec:
+        model(x)
+    grid = rec.meta[3]["grid"]  # stage 1, block 1 (shifted)
+    v = swin_patch_view(model, x, stage=1, block=1, patch=(2, 7))
+    assert v.block == 3 and v.shift == (2, 2)
+    row = rec.probs[3][:, :, 2 * grid[1] + 7].reshape(2, -1, *grid)
+    torch.testing.assert_close(v.maps[:, :-1], row)
+    torch.testing.assert_close(v.maps[:, -1], row.mean(1))
+    every = swin_patch_view(model, x, stage=1, block=1)
+    assert len(every.patches) == len(torch.unique(rec.meta[3]["window_id"]))
+    # each window holds exactly its own centre patch's attention
+    for r, c in every.patches:
+        w = rec.meta[3]["window_id"]
+        inside = w == w[r, c]
+        want = rec.probs[3][:, :, r * grid[1] + c].reshape(2, -1, *grid)
+        torch.testing.assert_close(every.maps[:, :-1][..., inside], want[..., inside])
+
+
+def test_swin_cli_view_and_errors(tmp_path, capsys):
+    from PIL import Image
+
+    from vitlens.cli import main
+
+    hf_swin(36, 4).save_pretrained(tmp_path / "swin")
+    Image.new("RGB", (50, 40), (120, 30, 200)).save(tmp_path / "img.png")
+    base = ["swin", str(tmp_path / "img.png"), "--model", str(tmp_path / "swin")]
+    assert main([*base, "--stage", "1", "--block", "1", "--out", str(tmp_path / "v.png")]) == 0
+    assert Image.open(tmp_path / "v.png").size[0] > 300
+    for extra, msg in [(["--stage", "3"], "--stage must be in 0..2"), (["--block", "2"], "--block must be in 0..1"),
+                       (["--patch", "30,1"], "outside stage 0's 18x18"), (["--patch", "mean"], "--patch must be")]:
+        capsys.readouterr()
+        assert main([*base, *extra, "--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "bad.png").exists()
+    from factories import hf_vit
+
+    hf_vit().save_pretrained(tmp_path / "vit")
+    vit = ["swin", str(tmp_path / "img.png"), "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "b.png")]
+    assert main(vit) == 2
+    assert "not a Swin model" in capsys.readouterr().err

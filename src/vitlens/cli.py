@@ -201,6 +201,23 @@ def compare(image, model_spec, weights, timm_kwargs, image_size, device, discard
 
 
 @cli.command()
+@click.argument("image", type=click.Path())
+@_model_options
+@click.option("--stage", type=int, default=0, show_default=True, help="Swin stage (0-based).")
+@click.option("--block", type=int, default=0, show_default=True, help="Block within the stage (0-based).")
+@click.option("--patch", default="per-window", show_default=True,
+              help="ROW,COL in the stage's token grid, or per-window (each window's centre patch).")
+@click.option("--out", required=True, metavar="FILE.png")
+def swin(image, model_spec, weights, timm_kwargs, image_size, device, stage, block, patch, out) -> None:
+    """Swin: a patch's attention over the image per head and their mean, window borders drawn (shift undone)."""
+    target = _out_png(out)
+    model = _load(model_spec, weights, timm_kwargs, image_size, device)
+    _, view = _one_image(image, model)
+    fig = runner.swin_plot(model, view, stage, block, patch)
+    click.echo(f"wrote {runner.write_output(partial(save_figure, fig), target)}")
+
+
+@cli.command()
 def models() -> None:
     """List the embedded models and the supported model families."""
     from vitlens.models import zoo

@@ -342,6 +342,25 @@ def heads_plot(model: VitModel, view: Image.Image, query: str | Query = "cls") -
     return heads_figure(view, exp.extras["per_head"][0], query_text(q), q if isinstance(q, tuple) else None)
 
 
+def swin_plot(model: VitModel, view: Image.Image, stage: int, block: int, patch: str = "per-window") -> Figure:
+    """Swin per-patch view: ``patch`` is 'R,C' in the stage's token grid or 'per-window' (each window's centre)."""
+    from vitlens.swin_view import swin_patch_view
+    from vitlens.viz.figures import swin_figure
+
+    choice: Any = "per-window"
+    if patch.strip().lower() != "per-window":
+        q = parse_query(patch)
+        if not isinstance(q, tuple):
+            raise VitlensError(f"--patch must be ROW,COL or per-window; got {patch!r}")
+        choice = q
+    v = swin_patch_view(model, model.preprocess.tensor(view)[None], stage, block, choice)
+    gh, gw = v.window_id.shape
+    which = f"patch {choice}" if isinstance(choice, tuple) else "each window's centre patch"
+    title = (f"Swin stage {stage}, block {block} (model block {v.block}; {gh}x{gw} tokens, shift {v.shift[0]}): "
+             f"attention of {which}")
+    return swin_figure(view, v.maps[0], v.window_id, v.patches, title)
+
+
 def layers_plot(model: VitModel, view: Image.Image, **options: Any) -> Figure:
     """The input, then the rollout after every block (``options`` as `make_method` takes for rollout)."""
     method, _ = make_method(model, "rollout", per_layer=True, **options)

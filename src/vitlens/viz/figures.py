@@ -136,6 +136,9 @@ def heads_figure(view: Image.Image, per_head, query_desc: str, query: tuple[int,
         for h in range(nh):
             ax = fig.add_subplot(grid[b, h + 1])
             m = arr[b, h]
+            if np.isnan(m).all():  # a stage with fewer heads (Swin)
+                ax.set_axis_off()
+                continue
             peak = float(m.max())
             ax.imshow(m / peak if peak > 0 else m, cmap=colormap("viridis"), vmin=0.0, vmax=1.0,
                       interpolation="nearest")
@@ -218,3 +221,35 @@ def write_index(path: str | Path, title: str, entries: Sequence[tuple[str, str |
     with atomic_write(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def swin_figure(view: Image.Image, maps, window_id, patches: Sequence[tuple[int, int]], title: str) -> Figure:
+    """One Swin block: chosen patches' attention per head and head mean over the image, window borders in red."""
+    arr = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps, dtype=np.float32)
+    wid = np.asarray(window_id.cpu() if hasattr(window_id, "cpu") else window_id)
+    n = arr.shape[0]
+    gh, gw = wid.shape
+    ncols = min(n, MAX_COLUMNS)
+    nrows = math.ceil(n / ncols)
+    fig = new_figure(PANEL * ncols + 0.8, (PANEL + 0.55) * nrows + 0.5)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    sy, sx = view.height / gh, view.width / gw
+    for k, ax in enumerate(axes):
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        panel = f"head {k}" if k < n - 1 else "mean of heads"
+        _show_overlay(ax, view, _as_map(arr[k] / max(float(arr[k].max()), 1e-12), panel), panel)
+        for r in range(gh):  # window borders: between neighbouring tokens of different windows
+            for c in range(gw):
+                if c + 1 < gw and wid[r, c] != wid[r, c + 1]:
+                    ax.plot([(c + 1) * sx] * 2, [r * sy, (r + 1) * sy], color="red", lw=1.2)
+                if r + 1 < gh and wid[r, c] != wid[r + 1, c]:
+                    ax.plot([c * sx, (c + 1) * sx], [(r + 1) * sy] * 2, color="red", lw=1.2)
+        for r, c in patches:
+            ax.add_patch(Rectangle((c * sx, r * sy), sx, sy, fill=False, edgecolor="red", lw=1.5))
+        ax.set_xlim(0, view.width)
+        ax.set_ylim(view.height, 0)
+    _colorbar(fig, list(axes), "attention (panel / its max)")
+    fig.suptitle(title, fontsize=11)
+    return fig
