@@ -25,6 +25,9 @@ def test_discard_and_residual_by_hand_3x3():
     row2 = torch.tensor([0.15, 0.00, 0.825]) / 0.975
     torch.testing.assert_close(r[0], torch.stack([row0, row1, row2]))
     torch.testing.assert_close(add_residual(want, 0.0, normalize=False), want)
+    # ratio 0.7 -> floor(6.3) = 6 lowest zeroed (more than half: the keep-largest path); [0, 0] = 0.10 survives
+    most = discard_lowest(a, 0.7)
+    torch.testing.assert_close(most, torch.tensor([[[0.10, 0.50, 0.0], [0.0, 0.70, 0.0], [0.0, 0.0, 0.65]]]))
 
 
 def _captured(model, x):

@@ -31,9 +31,13 @@ def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
     if k == 0:
         return a
     flat = a.reshape(b, n * n)
-    idx = flat.topk(k, dim=-1, largest=False).indices
-    out = flat.scatter(1, idx, 0.0)
-    out = torch.cat([flat[:, :1], out[:, 1:]], dim=1)  # entry [0, 0] is never discarded
+    if k <= n * n - k:  # zero the k lowest
+        idx = flat.topk(k, dim=-1, largest=False, sorted=False).indices
+        out = flat.scatter(1, idx, 0.0)
+    else:  # cheaper: keep the n*n - k largest (the same set, up to ties at the cut-off)
+        idx = flat.topk(n * n - k, dim=-1, largest=True, sorted=False).indices
+        out = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
+    out[:, 0] = flat[:, 0]  # entry [0, 0] is never discarded
     return out.view(b, n, n)
 
 
