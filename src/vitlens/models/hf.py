@@ -63,6 +63,26 @@ def hf_preprocess(config, folder: str | Path | None = None) -> Preprocess:
     return Preprocess(size=size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interp)
 
 
+def hf_labels(config) -> list[str]:
+    """Class names from a config's id2label (keys may be ints or strings)."""
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(config.num_labels)]
+
+
+def use_eager_attention(module: nn.Module) -> Callable[[], None]:
+    """Set every config inside ``module`` to eager attention (sdpa returns no weights); return the undo function."""
+    configs = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
+    saved = [(c, c._attn_implementation) for c in configs.values()]
+    for c, _ in saved:
+        c._attn_implementation = "eager"
+
+    def undo() -> None:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+    return undo
+
+
 class HFVitModel(VitModel):
     """A transformers ViT/DeiT/DINOv2/BEiT model, classifier or bare backbone."""
 
@@ -78,15 +98,11 @@ class HFVitModel(VitModel):
         self._attn_cls = _attention_class(module)
         name = type(module).__name__
         has_head = name.endswith("ForImageClassification") or name.endswith("ForImageClassificationWithTeacher")
-        labels = None
-        if has_head:
-            id2label = getattr(cfg, "id2label", None) or {}
-            labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(cfg.num_labels)]
         super().__init__(
             module,
             preprocess or hf_preprocess(cfg),
             num_classes=cfg.num_labels if has_head else None,
-            labels=labels,
+            labels=hf_labels(cfg) if has_head else None,
             multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
             patch_size=_pair(cfg.patch_size),
         )
@@ -119,17 +135,7 @@ class HFVitModel(VitModel):
         return [(m, _second) for m in self.module.modules() if isinstance(m, self._attn_cls)]
 
     def _use_explicit_attention(self) -> Callable[[], None]:
-        configs = {id(m.config): m.config for m, _ in self._attention_sites() if hasattr(m, "config")}
-        configs[id(self.module.config)] = self.module.config
-        saved = [(c, c._attn_implementation) for c in configs.values()]
-        for c, _ in saved:
-            c._attn_implementation = "eager"
-
-        def undo() -> None:
-            for c, impl in saved:
-                c._attn_implementation = impl
-
-        return undo
+        return use_eager_attention(self.module)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {}

@@ -121,20 +121,19 @@ class HFSwinModel(_SwinBase):
     family = "hf-swin"
 
     def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
-        from vitlens.models.hf import hf_preprocess
+        from vitlens.models.hf import hf_labels, hf_preprocess
 
         cfg = module.config
         self.config = cfg
         has_head = type(module).__name__.endswith("ForImageClassification")
-        labels = None
-        if has_head:
-            id2label = getattr(cfg, "id2label", None) or {}
-            labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(cfg.num_labels)]
         self._layers = [m for m in module.modules() if type(m).__name__ in ("SwinLayer", "Swinv2Layer")]
         self._depths = list(cfg.depths)
-        super().__init__(module, preprocess or hf_preprocess(cfg), num_classes=cfg.num_labels if has_head else None,
-                         labels=labels, multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
-                         patch_size=_pair(cfg.patch_size))
+        super().__init__(
+            module, preprocess or hf_preprocess(cfg), num_classes=cfg.num_labels if has_head else None,
+            labels=hf_labels(cfg) if has_head else None,
+            multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
+            patch_size=_pair(cfg.patch_size),
+        )
 
     def _stage_of_blocks(self) -> list[int]:
         return [s for s, d in enumerate(self._depths) for _ in range(d)]
@@ -156,16 +155,9 @@ class HFSwinModel(_SwinBase):
         return extract
 
     def _use_explicit_attention(self) -> Callable[[], None]:
-        configs = {id(m.config): m.config for m in self.module.modules() if hasattr(m, "config")}
-        saved = [(c, c._attn_implementation) for c in configs.values()]
-        for c, _ in saved:
-            c._attn_implementation = "eager"
+        from vitlens.models.hf import use_eager_attention
 
-        def undo() -> None:
-            for c, impl in saved:
-                c._attn_implementation = impl
-
-        return undo
+        return use_eager_attention(self.module)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(pixel_values=x)
