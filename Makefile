@@ -32,6 +32,8 @@ bench: $(PY)
 	$(INSTALL) -e ".[test]"
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_memory.py
+	$(INSTALL) -e ".[bench]"
+	$(PY) bench/bench_lime.py
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

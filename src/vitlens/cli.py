@@ -8,11 +8,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 
 import click
 
 from vitlens import runner
+from vitlens.cli_common import _load, _model_options, _one_image, _out_png
+from vitlens.cli_model_agnostic import register as _register_model_agnostic
 from vitlens.errors import VitlensError
 from vitlens.viz.figures import percent, save_figure
 
@@ -20,23 +21,6 @@ METHOD_NAMES = ("attention", "rollout", "grad_rollout")
 FUSIONS = ("mean", "max", "min")
 # click >= 8.2 raises this for a bare `vitlens`; older versions print the help themselves
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-
-def _model_options(f: Callable) -> Callable:
-    """--model, --weights, --timm-kwargs, --image-size, --device."""
-    options = [
-        click.option("--model", "model_spec", required=True, metavar="SPEC",
-                     help="A local HF folder, hf:ORG/NAME, timm:NAME (with --weights FILE) or vitlens:NAME."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="Local .safetensors/.pth state dict for a timm:NAME model."),
-        click.option("--timm-kwargs", default=None, metavar="JSON",
-                     help='timm.create_model keyword arguments, e.g. \'{"img_size": 32, "depth": 2}\'.'),
-        click.option("--image-size", type=int, default=None, help="Resize inputs to N x N pixels."),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 def _rollout_options(f: Callable) -> Callable:
@@ -56,11 +40,6 @@ def _rollout_options(f: Callable) -> Callable:
     return f
 
 
-def _load(model_spec: str, weights: str | None, timm_kwargs: str | None, image_size: int | None, device: str):
-    return runner.load(model_spec, weights=weights, image_size=image_size, device=device,
-                       timm_kwargs=runner.parse_timm_kwargs(timm_kwargs))
-
-
 def _rollout_kwargs(head_fusion, discard_ratio, start_layer, residual_weight, no_normalize) -> dict:
     return dict(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer,
                 residual_weight=residual_weight, normalize=False if no_normalize else None)
@@ -69,22 +48,6 @@ def _rollout_kwargs(head_fusion, discard_ratio, start_layer, residual_weight, no
 def _notes(notes: Sequence[str]) -> None:
     for n in notes:
         click.echo(n, err=True)
-
-
-def _one_image(image: str, model) -> tuple[Path, object]:
-    paths = runner.collect_images([image])
-    if len(paths) != 1:
-        raise VitlensError(f"{image} holds {len(paths)} images; this command takes one image file")
-    return paths[0], runner.read_views(model, paths)[0]
-
-
-def _out_png(out: str) -> Path:
-    p = Path(out)
-    if p.suffix.lower() != ".png":
-        raise VitlensError(f"--out {out} should be a .png file")
-    if p.is_dir():
-        raise VitlensError(f"--out {out} is a folder; give a .png file name")
-    return p
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -251,6 +214,9 @@ def demo(out, device) -> None:
     for _, path in result.figures:
         click.echo(f"wrote {path}")
     click.echo(f"open {result.index} to see them all")
+
+
+_register_model_agnostic(cli)
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,115 @@
+"""Occlusion (Zeiler & Fergus 2014): how much the target's score drops when a window is covered, all windows batched.
+
+Works on any image classifier (see `vitlens.methods.lime.as_classifier`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from vitlens.errors import VitlensError
+from vitlens.explanation import Explanation, max_normalize
+from vitlens.methods.base import Images, Target
+from vitlens.methods.lime import PerturbationMethod, gaussian_blur
+
+BASELINES = ("mean", "blur")
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(a) for a in v)
+    if len(t) != 2 or min(t) < 1:
+        raise VitlensError(f"{name} must be a positive int or (height, width) of positive ints; got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Top (or left) edges of the windows along one side: 0, stride, ... while the window fits."""
+    if window > size:
+        raise VitlensError(f"occlusion window {window} is larger than the image side {size}")
+    return list(range(0, size - window + 1, stride))
+
+
+class Occlusion(PerturbationMethod):
+    """Score drop of the target class when each ``window`` (h, w) placed every ``stride`` (h, w) pixels is replaced
+    by ``baseline``: a number (in the model's input space, i.e. after normalisation; 0.0 is the dataset mean),
+    'mean' (the image's mean colour) or 'blur' (the blurred image, sigma = max(H, W) / 20).
+
+    ``maps`` [B, nh, nw] are at the window-grid resolution (one value per window position, windows that overlap are
+    not averaged): the positive drops divided by their maximum. ``extras['drop']`` [B, nh, nw] holds the signed
+    drops (score of the image minus score with the window covered); ``extras['starts_y'/'starts_x']`` the windows'
+    top/left pixel. Scores are probabilities (``output='probs'``) or logits.
+    """
+
+    name = "occlusion"
+
+    def __init__(self, model, window=(16, 16), stride=None, baseline=0.0, batch_size: int = 64,
+                 output: str = "probs", progress: bool = False) -> None:
+        super().__init__(model, output=output, batch_size=batch_size, progress=progress)
+        self.window = _pair(window, "window")
+        self.stride = _pair(stride if stride is not None else self.window, "stride")
+        if isinstance(baseline, str):
+            if baseline not in BASELINES:
+                try:
+                    baseline = float(baseline)
+                except ValueError:
+                    raise VitlensError(f"baseline must be a number, mean or blur; got {baseline!r}") from None
+        elif not isinstance(baseline, (int, float)):
+            raise VitlensError(f"baseline must be a number, mean or blur; got {baseline!r}")
+        self.baseline = baseline if isinstance(baseline, str) else float(baseline)
+
+    @property
+    def params(self) -> dict:
+        """The options, for the Explanation."""
+        return dict(window=self.window, stride=self.stride, baseline=self.baseline, output=self.output)
+
+    def baseline_image(self, x: torch.Tensor) -> torch.Tensor:
+        """What covers a window, [3, H, W]."""
+        if self.baseline == "mean":
+            return x.mean((1, 2), keepdim=True).expand_as(x)
+        if self.baseline == "blur":
+            return gaussian_blur(x, max(x.shape[-2:]) / 20.0)
+        return torch.full_like(x, float(self.baseline))
+
+    def window_masks(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Bool masks [nh * nw, H, W] (True inside each window), built by broadcasting, and the start lists."""
+        ys = window_starts(h, self.window[0], self.stride[0])
+        xs = window_starts(w, self.window[1], self.stride[1])
+        rows = torch.arange(h, device=device)
+        cols = torch.arange(w, device=device)
+        y0 = torch.tensor(ys, device=device)[:, None]
+        x0 = torch.tensor(xs, device=device)[:, None]
+        in_y = (rows >= y0) & (rows < y0 + self.window[0])  # [nh, H]
+        in_x = (cols >= x0) & (cols < x0 + self.window[1])  # [nw, W]
+        masks = in_y[:, None, :, None] & in_x[None, :, None, :]  # [nh, nw, H, W]
+        return masks.reshape(-1, h, w), ys, xs
+
+    def explain(self, x: Images, target: Target = None) -> Explanation:
+        """Occlusion maps for a batch."""
+        from tqdm.auto import tqdm
+
+        x = self.batch(x)
+        with torch.no_grad():
+            logits = self.model(x)
+        t = self.model.check_target(target, logits)
+        base_scores = self.scores(logits)
+        h, w = x.shape[-2:]
+        masks, ys, xs = self.window_masks(h, w, x.device)
+        drops = []
+        bar = tqdm(total=x.shape[0] * masks.shape[0], desc="occlusion", unit="window",
+                   disable=None if self.progress else True, file=sys.stderr)
+        with torch.no_grad(), bar:
+            for b in range(x.shape[0]):
+                fill = self.baseline_image(x[b])
+                out = []
+                for s in range(0, masks.shape[0], self.batch_size):
+                    m = masks[s : s + self.batch_size, None]
+                    scores = self.scores(self.model(torch.where(m, fill, x[b])))
+                    out.append(scores[:, t[b]])
+                    bar.update(m.shape[0])
+                drops.append(base_scores[b, t[b]] - torch.cat(out))
+        drop = torch.stack(drops).view(x.shape[0], len(ys), len(xs)).float()
+        extras = dict(drop=drop, starts_y=torch.tensor(ys), starts_x=torch.tensor(xs))
+        return Explanation(maps=max_normalize(drop.clamp_min(0)), method=self.name, params=self.params, target=t,
+                           logits=logits.detach(), probs=self.model.probabilities(logits.detach()), extras=extras)
