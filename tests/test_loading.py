@@ -139,3 +139,11 @@ def test_hub_name_loads_from_the_local_hub_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     model = vitlens.load_model("hf:someorg/tiny-vit")
     assert model.num_blocks == 3 and model.preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_timm_input_size_mismatch_is_one_clear_line_and_dynamic_models_accept_it():
+    model = vitlens.wrap(timm_vit())
+    with pytest.raises(VitlensError, match="takes 32x32 inputs, got 48x40"):
+        vitlens.Rollout(model).explain(torch.randn(1, 3, 48, 40))
+    dynamic = vitlens.wrap(timm_vit(dynamic_img_size=True))
+    assert vitlens.Rollout(dynamic).explain(torch.randn(1, 3, 48, 40)).maps.shape == (1, 6, 5)

@@ -99,6 +99,14 @@ class TimmVitModel(VitModel):
         return undo
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        pe = self.module.patch_embed
+        size = _pair(pe.img_size) if getattr(pe, "img_size", None) is not None else None
+        dynamic = getattr(self.module, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
+        if size is not None and not dynamic and tuple(x.shape[-2:]) != size:
+            raise VitlensError(
+                f"this timm model takes {size[0]}x{size[1]} inputs, got {x.shape[-2]}x{x.shape[-1]}; drop --image-size "
+                "or create it with dynamic_img_size=True (--timm-kwargs '{\"dynamic_img_size\": true}')"
+            )
         return self.module(x)
 
     def layout(self, image_size: tuple[int, int]) -> TokenLayout:
