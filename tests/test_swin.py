@@ -182,3 +182,11 @@ def test_swin_cli_view_and_errors(tmp_path, capsys):
     vit = ["swin", str(tmp_path / "img.png"), "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "b.png")]
     assert main(vit) == 2
     assert "not a Swin model" in capsys.readouterr().err
+
+
+def test_timm_swin_input_size_mismatch_is_one_clear_line():
+    from vitlens.errors import VitlensError
+
+    model = vitlens.wrap(timm_swin(32, 4))
+    with pytest.raises(VitlensError, match="takes 32x32 inputs, got 64x64"):
+        vitlens.Rollout(model).explain(torch.randn(1, 3, 64, 64))

@@ -218,6 +218,9 @@ class TimmSwinModel(_SwinBase):
         return undo
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        from vitlens.models.timm_adapter import check_input_size
+
+        check_input_size(self.module, x)
         return self.module(x)
 
 

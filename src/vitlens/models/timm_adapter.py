@@ -99,14 +99,7 @@ class TimmVitModel(VitModel):
         return undo
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        pe = self.module.patch_embed
-        size = _pair(pe.img_size) if getattr(pe, "img_size", None) is not None else None
-        dynamic = getattr(self.module, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
-        if size is not None and not dynamic and tuple(x.shape[-2:]) != size:
-            raise VitlensError(
-                f"this timm model takes {size[0]}x{size[1]} inputs, got {x.shape[-2]}x{x.shape[-1]}; drop --image-size "
-                "or create it with dynamic_img_size=True (--timm-kwargs '{\"dynamic_img_size\": true}')"
-            )
+        check_input_size(self.module, x)
         return self.module(x)
 
     def layout(self, image_size: tuple[int, int]) -> TokenLayout:
@@ -114,6 +107,18 @@ class TimmVitModel(VitModel):
         ph, pw = self.patch_size
         grid = (image_size[0] // ph, image_size[1] // pw)
         return TokenLayout(int(self.module.num_prefix_tokens), grid, self._readout)
+
+
+def check_input_size(module: nn.Module, x: torch.Tensor) -> None:
+    """One clear line when a fixed-size timm model gets another input size (timm would fail an assert)."""
+    pe = module.patch_embed
+    size = _pair(pe.img_size) if getattr(pe, "img_size", None) is not None else None
+    dynamic = getattr(module, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
+    if size is not None and not dynamic and tuple(x.shape[-2:]) != size:
+        raise VitlensError(
+            f"this timm model takes {size[0]}x{size[1]} inputs, got {x.shape[-2]}x{x.shape[-1]}; drop --image-size "
+            "or create it with dynamic_img_size=True (--timm-kwargs '{\"dynamic_img_size\": true}')"
+        )
 
 
 def _output(module, args, kwargs, output) -> torch.Tensor:
