@@ -190,3 +190,21 @@ def test_timm_swin_input_size_mismatch_is_one_clear_line():
     model = vitlens.wrap(timm_swin(32, 4))
     with pytest.raises(VitlensError, match="takes 32x32 inputs, got 64x64"):
         vitlens.Rollout(model).explain(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["hf-w4", "timm-w4"])
+def test_swin_record_restores_the_model_even_after_an_error(name):
+    module, x = _build(name)
+    model = vitlens.wrap(module)
+
+    def state():
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+        flags = [getattr(m, "fused_attn", None) for m in module.modules()]
+        impls = [m.config._attn_implementation for m in module.modules() if hasattr(m, "config")]
+        return hooks, flags, impls
+
+    before = state()
+    with pytest.raises(RuntimeError, match="boom"), model.record(grads=True):
+        model(x)
+        raise RuntimeError("boom")
+    assert state() == before

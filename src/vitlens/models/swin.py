@@ -197,9 +197,9 @@ class TimmSwinModel(_SwinBase):
         return extract
 
     def _use_explicit_attention(self) -> Callable[[], None]:
-        saved = [(blk.attn, blk.attn.fused_attn) for blk in self._blocks]
-        for blk in self._blocks:
-            blk.attn.fused_attn = False
+        from vitlens.models.timm_adapter import unfuse
+
+        undo_fused = unfuse([blk.attn for blk in self._blocks])
 
         def remember(i: int):
             def pre(module, args):
@@ -212,8 +212,7 @@ class TimmSwinModel(_SwinBase):
         def undo() -> None:
             for h in handles:
                 h.remove()
-            for a, flag in saved:
-                a.fused_attn = flag
+            undo_fused()
 
         return undo
 

@@ -87,16 +87,7 @@ class TimmVitModel(VitModel):
         return sites
 
     def _use_explicit_attention(self) -> Callable[[], None]:
-        attns = [blk.attn for blk in self.module.blocks]
-        saved = [(a, a.fused_attn) for a in attns]
-        for a in attns:
-            a.fused_attn = False
-
-        def undo() -> None:
-            for a, flag in saved:
-                a.fused_attn = flag
-
-        return undo
+        return unfuse([blk.attn for blk in self.module.blocks])
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(self.module, x)
@@ -107,6 +98,19 @@ class TimmVitModel(VitModel):
         ph, pw = self.patch_size
         grid = (image_size[0] // ph, image_size[1] // pw)
         return TokenLayout(int(self.module.num_prefix_tokens), grid, self._readout)
+
+
+def unfuse(attns: list[nn.Module]) -> Callable[[], None]:
+    """Switch timm attention modules to explicit softmax attention (``fused_attn = False``); return the undo."""
+    saved = [(a, a.fused_attn) for a in attns]
+    for a in attns:
+        a.fused_attn = False
+
+    def undo() -> None:
+        for a, flag in saved:
+            a.fused_attn = flag
+
+    return undo
 
 
 def check_input_size(module: nn.Module, x: torch.Tensor) -> None:
