@@ -19,10 +19,9 @@ def attention_modules(module) -> list:
     return [m for m in module.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
 
 
-def recompute_attention(module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Run the model once, grab each attention module's input, and rebuild softmax(q k^T / sqrt(d) + bias) by hand."""
+def forward_inputs(module, x: torch.Tensor, mods: list) -> list[tuple]:
+    """Run ``module`` once on ``x`` (no grad) and return the (args, kwargs) each of ``mods`` was called with."""
     inputs: list[tuple] = []
-    mods = attention_modules(module)
     handles = [m.register_forward_pre_hook(lambda m, a, k: inputs.append((a, k)), with_kwargs=True) for m in mods]
     try:
         with torch.no_grad():
@@ -30,6 +29,13 @@ def recompute_attention(module, x: torch.Tensor) -> list[torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
+    return inputs
+
+
+def recompute_attention(module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run the model once, grab each attention module's input, and rebuild softmax(q k^T / sqrt(d) + bias) by hand."""
+    mods = attention_modules(module)
+    inputs = forward_inputs(module, x, mods)
     out = []
     for m, (args, kwargs) in zip(mods, inputs):
         hs = args[0] if args else kwargs["hidden_states"]

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from oracles import forward_inputs
+
 
 def swin_blocks(module) -> list:
     """HF SwinLayer modules or timm SwinTransformerBlock modules, in forward order."""
@@ -17,24 +19,14 @@ def swin_blocks(module) -> list:
 
 def block_inputs(module, x: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Each block's input as [B, H, W, C] with its grid."""
-    blocks = swin_blocks(module)
-    got: list = []
-
-    def pre(m, args, kwargs):
+    got = []
+    for args, kwargs in forward_inputs(module, x, swin_blocks(module)):
         hs = args[0]
         if hs.ndim == 4:  # timm: (B, H, W, C)
             got.append((hs, (hs.shape[1], hs.shape[2])))
         else:
             dims = args[1] if len(args) > 1 else kwargs["input_dimensions"]
             got.append((hs.reshape(hs.shape[0], dims[0], dims[1], -1), (int(dims[0]), int(dims[1]))))
-
-    handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks]
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
     return got
 
 

@@ -28,7 +28,7 @@ from vitlens.images import find_images, load_image
 from vitlens.methods import METHODS, AttentionMaps, GradRollout, Rollout
 from vitlens.methods.attention import Query, parse_query
 from vitlens.methods.base import Method
-from vitlens.models.base import VitModel
+from vitlens.models.base import VitModel, label_of, top_labels
 from vitlens.models.loading import load_model
 from vitlens.viz.figures import compare_figure, explain_figure, heads_figure, layers_figure, percent, save_figure
 
@@ -71,13 +71,6 @@ def load(spec: str, *, weights: str | Path | None = None, image_size: int | None
     if timm_kwargs and not str(spec).startswith("timm:"):
         raise VitlensError(f"--timm-kwargs only applies to timm:NAME models, not {spec!r}")
     return load_model(spec, weights=weights, image_size=image_size, device=device, model_kwargs=timm_kwargs)
-
-
-def label_of(model: VitModel, index: int) -> str:
-    """The class name of ``index`` (or 'class N' when the model has no names)."""
-    if model.labels and 0 <= index < len(model.labels):
-        return str(model.labels[index])
-    return f"class {index}"
 
 
 def resolve_target(model: VitModel, target: str | int | None) -> int | None:
@@ -182,9 +175,7 @@ def top_predictions(model: VitModel, probs: torch.Tensor | np.ndarray | None, k:
     """The ``k`` most probable (label, probability) pairs of one sample, or [] without a head."""
     if probs is None or not model.has_head:
         return []
-    p = torch.as_tensor(probs).detach().float().cpu().reshape(-1)
-    vals, idx = p.topk(min(k, p.numel()))
-    return [(label_of(model, int(i)), float(v)) for v, i in zip(vals, idx)]
+    return top_labels(model, probs, k)
 
 
 # ---- images ---------------------------------------------------------------------------------------------------------

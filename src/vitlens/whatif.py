@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from vitlens.errors import VitlensError
+from vitlens.models.base import label_of, top_labels
 
 KINDS = ("move", "scale", "split")
 FILLS = ("blur", "mean", "inpaint")
@@ -278,11 +279,6 @@ class WhatIfResult:
     __str__ = markdown
 
 
-def _label(model, i: int) -> str:
-    labels = getattr(model, "labels", None)
-    return str(labels[i]) if labels and 0 <= i < len(labels) else f"class {i}"
-
-
 def whatif(model, image: Image.Image, edits: Sequence[Edit | str], top_k: int = 3, fill: str = "blur",
            batch_size: int = 16) -> WhatIfResult:
     """Apply each edit to ``image`` (separately) and run the model on the original and every edited image.
@@ -311,9 +307,8 @@ def whatif(model, image: Image.Image, edits: Sequence[Edit | str], top_k: int = 
     p = torch.cat(probs)
     k = min(top_k, p.shape[1])
     ref = int(p[0].argmax())
-    result = WhatIfResult(reference=_label(model, ref), reference_index=ref)
+    result = WhatIfResult(reference=label_of(model, ref), reference_index=ref)
     for i, (img, e) in enumerate(zip(images, [None, *parsed])):
-        vals, idx = p[i].topk(k)
-        top = [(_label(model, int(j)), float(v)) for v, j in zip(vals, idx)]
+        top = top_labels(model, p[i], k)
         result.rows.append(WhatIfRow("original" if e is None else f"edit {i}", e, img, top, p[i]))
     return result

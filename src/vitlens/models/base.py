@@ -140,3 +140,16 @@ class VitModel:
     def __repr__(self) -> str:
         name = type(self.module).__name__
         return f"{type(self).__name__}({name}, blocks={self.num_blocks}, classes={self.num_classes})"
+
+
+def label_of(model, index: int) -> str:
+    """The class name of ``index`` for any model with an optional ``labels`` list ('class N' when it has none)."""
+    labels = getattr(model, "labels", None)
+    return str(labels[index]) if labels and 0 <= index < len(labels) else f"class {index}"
+
+
+def top_labels(model, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    """The ``k`` most probable (label, probability) pairs of one sample's probabilities [C]."""
+    p = torch.as_tensor(probs).detach().float().cpu().reshape(-1)
+    vals, idx = p.topk(min(k, p.numel()))
+    return [(label_of(model, int(i)), float(v)) for v, i in zip(vals, idx)]
