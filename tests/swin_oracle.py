@@ -14,7 +14,7 @@ def swin_blocks(module) -> list:
     """HF SwinLayer modules or timm SwinTransformerBlock modules, in forward order."""
     if type(module).__module__.startswith("timm."):
         return [blk for stage in module.layers for blk in stage.blocks]
-    return [m for m in module.modules() if type(m).__name__ == "SwinLayer"]
+    return [m for m in module.modules() if type(m).__name__ in ("SwinLayer", "Swinv2Layer")]
 
 
 def block_inputs(module, x: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -34,10 +34,26 @@ def _region(r: int, size: int, window: int, shift: int) -> int:
     return 0 if r < size - window else (1 if r < size - shift else 2)
 
 
+def _v2_score(attn, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Swinv2: cosine of q and k per head times the clamped learned scale, plus 16 sigmoid(continuous bias)."""
+    cos = torch.nn.functional.cosine_similarity(q, k, dim=-1)
+    scale = attn.logit_scale.view(-1).clamp(max=math.log(100.0)).exp()
+    return cos * scale + 16 * torch.sigmoid(bias)
+
+
 def loop_attention(block, hs: torch.Tensor, grid: tuple[int, int], timm_style: bool) -> torch.Tensor:
-    """[B, heads, N, N] by a loop over tokens (slow, obvious)."""
+    """[B, heads, N, N] by a loop over tokens (slow, obvious). Swin v1 (HF, timm) and HF Swinv2."""
     h, w = grid
-    if timm_style:
+    v2 = type(block).__name__ == "Swinv2Layer"
+    if v2:  # post-norm: attention reads the block input itself; the bias table comes out of a small MLP
+        attn = block.attention.self
+        norm = torch.nn.Identity()
+        m, s = int(block.window_size), int(block.shift_size)
+        heads = attn.num_attention_heads
+        wq, bq = attn.query.weight, attn.query.bias
+        wk, bk = attn.key.weight, torch.zeros(attn.key.out_features)
+        table = attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads)
+    elif timm_style:
         norm, attn = block.norm1, block.attn
         m, s = block.window_size[0], block.shift_size[0]
         heads = attn.num_heads
@@ -77,7 +93,10 @@ def loop_attention(block, hs: torch.Tensor, grid: tuple[int, int], timm_style: b
             for qr, qc in members:
                 k = (feat[:, qr, qc] @ wk.T + bk).view(b, heads, d)
                 rel = (pr - qr + m - 1) * (2 * m - 1) + (pc - qc + m - 1)
-                sc = (q * k).sum(-1) / math.sqrt(d) + table[rel]
+                if v2:
+                    sc = _v2_score(attn, q, k, table[rel])
+                else:
+                    sc = (q * k).sum(-1) / math.sqrt(d) + table[rel]
                 if s > 0 and (_region(pr, hp, m, s), _region(pc, wp, m, s)) != (
                         _region(qr, hp, m, s), _region(qc, wp, m, s)):
                     sc = sc - 100.0

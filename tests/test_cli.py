@@ -273,7 +273,7 @@ def test_demo_with_random_model(tmp_path, capsys, monkeypatch, hf_dir):
     assert "randomly initialised ViT" in stdout
     pngs = sorted((tmp_path / "demo").glob("*.png"))
     assert [p.name for p in pngs] == [f"demo_cat_{s}.png" for s in
-                                      ("grad_rollout_top", "heads", "layers", "rollout_max", "rollout_mean")]
+                                      ("grad_rollout", "heads", "layers", "rollout_max", "rollout_mean")]
     for p in pngs:
         _check_png(p)
     page = (tmp_path / "demo" / "index.html").read_text()

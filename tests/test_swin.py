@@ -17,6 +17,13 @@ def hf_swin(image=32, window=4, depths=(2, 2, 2), heads=(1, 2, 4), head=True):
     return cls(cfg).eval()
 
 
+def hf_swinv2(image=32, window=4, depths=(2, 2, 2), heads=(1, 2, 4), head=True):
+    cfg = transformers.Swinv2Config(image_size=image, patch_size=2, embed_dim=8, depths=list(depths),
+                                    num_heads=list(heads), window_size=window, num_labels=5)
+    cls = transformers.Swinv2ForImageClassification if head else transformers.Swinv2Model
+    return cls(cfg).eval()
+
+
 def timm_swin(image=32, window=4, depths=(2, 2, 2), heads=(1, 2, 4)):
     return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=image, patch_size=2,
                              embed_dim=8, depths=depths, num_heads=heads, window_size=window, num_classes=5).eval()
@@ -29,6 +36,9 @@ CONFIGS = {
     "hf-w7": (lambda: hf_swin(56, 7), 56),
     # grids 18, 9, 5 with window 4: padded (not divisible) in every stage, shifted windows with padding
     "hf-w4-padded": (lambda: hf_swin(36, 4), 36),
+    # Swinv2 (cosine attention, continuous position bias, post-norm): same windows as v1
+    "hfv2-w4": (lambda: hf_swinv2(32, 4), 32),
+    "hfv2-w4-padded": (lambda: hf_swinv2(36, 4), 36),
     "timm-w4": (lambda: timm_swin(32, 4), 32),
     "timm-w7": (lambda: timm_swin(56, 7), 56),
     "timm-w4-padded": (lambda: timm_swin(36, 4), 36),
@@ -73,7 +83,7 @@ def test_merge_matrix_by_hand():
     torch.testing.assert_close(m, want)
 
 
-@pytest.mark.parametrize("name", ["hf-w4-padded", "timm-w4"])
+@pytest.mark.parametrize("name", ["hf-w4-padded", "hfv2-w4-padded", "timm-w4"])
 def test_rollout_across_stages_matches_dense_product(name):
     module, x = _build(name)
     model = vitlens.wrap(module)
@@ -105,7 +115,7 @@ def test_rollout_across_stages_matches_dense_product(name):
 
 
 @pytest.mark.parametrize("method", ["attention", "rollout", "grad_rollout"])
-@pytest.mark.parametrize("name", ["hf-w4-padded", "timm-w7"])
+@pytest.mark.parametrize("name", ["hf-w4-padded", "hfv2-w4", "timm-w7"])
 def test_swin_batch_equals_one_by_one(method, name):
     module, x = _build(name)
     m = vitlens.METHODS[method](vitlens.wrap(module), **({"query": (3, 5)} if method == "attention" else {}))
@@ -192,7 +202,7 @@ def test_timm_swin_input_size_mismatch_is_one_clear_line():
         vitlens.Rollout(model).explain(torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize("name", ["hf-w4", "timm-w4"])
+@pytest.mark.parametrize("name", ["hf-w4", "hfv2-w4", "timm-w4"])
 def test_swin_record_restores_the_model_even_after_an_error(name):
     module, x = _build(name)
     model = vitlens.wrap(module)
@@ -208,3 +218,12 @@ def test_swin_record_restores_the_model_even_after_an_error(name):
         model(x)
         raise RuntimeError("boom")
     assert state() == before
+
+
+def test_swinv2_loads_from_a_local_folder_and_predicts_like_the_module(tmp_path):
+    module, x = _build("hfv2-w4")
+    module.save_pretrained(tmp_path / "v2")
+    model = vitlens.load_model(str(tmp_path / "v2"))
+    assert model.family == "hf-swin" and model.num_blocks == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), module(pixel_values=x).logits)

@@ -380,17 +380,22 @@ def compare_plot(model: VitModel, view: Image.Image, discard_ratio: float = 0.9,
     return compare_figure(view, panels, title), notes
 
 
-def grad_top_plot(model: VitModel, view: Image.Image, k: int = 3, discard_ratio: float = 0.0) -> Figure:
-    """The input beside grad rollout for each of the model's ``k`` most probable classes."""
+def grad_top_plot(model: VitModel, view: Image.Image, k: int = 3, discard_ratio: float = 0.0,
+                  classes: Sequence[int] | None = None) -> Figure:
+    """The input beside grad rollout for each of ``classes`` (default: the model's ``k`` most probable classes)."""
     x = model.preprocess.tensor(view)[None]
-    with torch.no_grad():
-        probs = model.probabilities(model(x))[0]
-    panels = []
+    if classes is None:
+        with torch.no_grad():
+            probs = model.probabilities(model(x))[0]
+        classes = probs.topk(min(k, probs.numel())).indices.tolist()
+        title = f"Gradient rollout for the top {len(classes)} classes"
+    else:
+        title = "Gradient rollout for each object's class"
     method = GradRollout(model, discard_ratio=discard_ratio)
-    for t in probs.topk(min(k, probs.numel())).indices.tolist():
-        exp = method.explain(x, target=t)
-        panels.append((describe(exp, model), exp.numpy()[0]))
-    return compare_figure(view, panels, f"Gradient rollout for the top {len(panels)} classes")
+    targets = torch.as_tensor(list(classes))
+    exp = method.explain(x.expand(len(targets), *x.shape[1:]), target=targets)
+    panels = [(describe(exp, model, i), exp.numpy()[i]) for i in range(len(targets))]
+    return compare_figure(view, panels, title)
 
 
 # ---- demo -----------------------------------------------------------------------------------------------------------
@@ -434,6 +439,18 @@ def demo_inputs(model_name: str = DEMO_MODEL,
     return None, [assets / "demo_cat.png"], DEMO_NOTE
 
 
+def scene_classes(image: Path) -> list[int] | None:
+    """The classes of the objects in a shipped demo scene (from its folder's scenes.json), or None if unknown."""
+    index = image.parent / "scenes.json"
+    try:
+        for s in json.loads(index.read_text())["scenes"]:
+            if s["image"] == image.name:
+                return [int(c) for c in s["classes"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
 def _scene_images(folder: Path) -> list[Path]:
     index = folder / "scenes.json"
     if index.is_file():
@@ -473,12 +490,17 @@ def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model
          lambda v: _explain_one(model, v, head_fusion="max", discard_ratio=0.9)),
         ("layers", "attention rollout after every block", lambda v: layers_plot(model, v)),
     ]
-    if model.has_head:
-        jobs.append(("grad_rollout_top", "gradient rollout for the top classes", lambda v: grad_top_plot(model, v)))
-    bar = tqdm(total=len(views) * len(jobs), desc="demo", unit="figure", disable=_bar(progress, 2), file=sys.stderr)
+    grad = model.has_head
+    bar = tqdm(total=len(views) * (len(jobs) + grad), desc="demo", unit="figure", disable=_bar(progress, 2),
+               file=sys.stderr)
     with bar:
         for path, view in zip(paths, views):
-            for suffix, caption, job in jobs:
+            image_jobs = list(jobs)
+            if grad:
+                classes = scene_classes(path)
+                caption = "gradient rollout for " + ("each object's class" if classes else "the top classes")
+                image_jobs.append(("grad_rollout", caption, partial(grad_top_plot, model, classes=classes)))
+            for suffix, caption, job in image_jobs:
                 target = write_output(partial(save_figure, job(view)), out / f"{path.stem}_{suffix}.png")
                 result.figures.append((f"{path.name}: {caption}", target))
                 bar.update(1)

@@ -116,7 +116,10 @@ class _SwinBase(VitModel):
 
 
 class HFSwinModel(_SwinBase):
-    """transformers SwinForImageClassification / SwinModel."""
+    """transformers SwinForImageClassification / SwinModel, and Swinv2 (same windows: pad, then roll).
+
+    Swinv2 layers hand back their attention only when asked (`output_attentions`); while recording, a pre-hook asks
+    each layer for it, so the model's own outputs stay as the caller configured them."""
 
     family = "hf-swin"
 
@@ -157,7 +160,23 @@ class HFSwinModel(_SwinBase):
     def _use_explicit_attention(self) -> Callable[[], None]:
         from vitlens.models.hf import use_eager_attention
 
-        return use_eager_attention(self.module)
+        undo_eager = use_eager_attention(self.module)
+        if self.config.model_type != "swinv2":
+            return undo_eager
+
+        def ask_for_attention(module, args, kwargs):
+            if len(args) > 2:
+                return (*args[:2], True, *args[3:]), kwargs
+            return args, {**kwargs, "output_attentions": True}
+
+        handles = [layer.register_forward_pre_hook(ask_for_attention, with_kwargs=True) for layer in self._layers]
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+            undo_eager()
+
+        return undo
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(pixel_values=x)
@@ -224,8 +243,8 @@ class TimmSwinModel(_SwinBase):
 
 
 def is_hf_swin(module: nn.Module) -> bool:
-    """transformers Swin (v1) model."""
-    return getattr(getattr(module, "config", None), "model_type", None) == "swin"
+    """transformers Swin or Swinv2 model."""
+    return getattr(getattr(module, "config", None), "model_type", None) in ("swin", "swinv2")
 
 
 def is_timm_swin(module: nn.Module) -> bool:

@@ -42,13 +42,15 @@ class Recipe:
     """Architecture and training recipe of one embedded model."""
 
     name: str
-    family: str  # "vit" or "deit"
+    family: str  # "vit", "deit" or "swin"
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     mlp_ratio: int = 4
+    depths: tuple[int, ...] = ()  # swin: blocks per stage (hidden_size is the first stage's width)
+    window_size: int = 4  # swin
     n_train: int = 40000
     batch_size: int = 32
     steps: int = 6000
@@ -69,6 +71,9 @@ RECIPES: dict[str, Recipe] = {
         name="scenes-deit",
         family="deit",
         distillation="hard: BCE on the ground-truth multi-hot labels for both the CLS and the distillation head",
+    ),
+    "scenes-swin": Recipe(
+        name="scenes-swin", family="swin", patch_size=4, hidden_size=48, num_heads=2, depths=(2, 2, 2), window_size=4
     ),
 }
 
@@ -99,7 +104,29 @@ def build_embedded(name: str, **overrides):
         from transformers import DeiTConfig
 
         return DeiTConfig(**common, architectures=["DeiTForImageClassificationWithTeacher"])
+    if r.family == "swin":
+        from transformers import SwinConfig
+
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            common.pop(k)
+        common.pop("hidden_dropout_prob")
+        return SwinConfig(
+            **common,
+            embed_dim=r.hidden_size,
+            depths=list(r.depths),
+            num_heads=[r.num_heads * 2**i for i in range(len(r.depths))],
+            window_size=r.window_size,
+            mlp_ratio=float(r.mlp_ratio),
+            drop_path_rate=0.0,
+            architectures=["SwinForImageClassification"],
+        )
     raise ValueError(f"unknown family {r.family!r}")
+
+
+def token_grid(r: Recipe) -> int:
+    """Side of the final token grid: patches for ViT / DeiT, the last stage's grid for Swin."""
+    side = r.image_size // r.patch_size
+    return side // 2 ** (len(r.depths) - 1) if r.family == "swin" else side
 
 
 def recipe_of(name: str, **overrides) -> Recipe:
@@ -114,6 +141,10 @@ def _model_from_config(config) -> nn.Module:
         from transformers import ViTForImageClassification
 
         return ViTForImageClassification(config)
+    if config.model_type == "swin":
+        from transformers import SwinForImageClassification
+
+        return SwinForImageClassification(config)
     from transformers import DeiTForImageClassificationWithTeacher
 
     return DeiTForImageClassificationWithTeacher(config)
@@ -174,7 +205,7 @@ def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 def batches(images: np.ndarray, labels: np.ndarray, patches: np.ndarray, r: Recipe, seed: int):
     """A function epoch -> shuffled, normalised, randomly flipped batches (x, (labels, patch labels))."""
     imgs, labs, pats = torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(patches)
-    g_side = r.image_size // r.patch_size
+    g_side = token_grid(r)
     mean, std = torch.tensor(r.mean).view(1, 3, 1, 1), torch.tensor(r.std).view(1, 3, 1, 1)
 
     def epoch_batches(epoch: int):
@@ -239,7 +270,11 @@ def _loss_fn(r: Recipe):
 
     def loss(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
         y, py = target if isinstance(target, (tuple, list)) else (target, None)
-        if r.family == "deit":
+        if r.family == "swin":
+            out = model.swin(pixel_values=x)
+            main = bce(model.classifier(out.pooler_output), y)
+            head, tokens = model.classifier, out.last_hidden_state
+        elif r.family == "deit":
             seq = model.deit(pixel_values=x).last_hidden_state
             main = 0.5 * (bce(model.cls_classifier(seq[:, 0]), y) + bce(model.distillation_classifier(seq[:, 1]), y))
             head, tokens = model.cls_classifier, seq[:, 2:]
@@ -275,7 +310,7 @@ def train_embedded(
     model = _model_from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     cache = Path(cache_dir) if cache_dir else None
-    grid = r.image_size // r.patch_size
+    grid = token_grid(r)
     tr_img, tr_lab, _, tr_pat = scene_arrays(r.n_train, seed, "train", r.image_size, grid, cache)
     te_img, te_lab, te_items, _ = scene_arrays(TEST_SCENES, TEST_SEED, "test", r.image_size, grid, cache)
     data_s = time.perf_counter() - t0
@@ -348,13 +383,20 @@ def model_card(r: Recipe, info: dict) -> str:
     """The MODEL_CARD.md text of a trained embedded model."""
     t = info["test"]
     rows = "\n".join(f"| {c} | {v['AP']:.4f} | {v['recall']:.4f} | {v['items']} |" for c, v in t["per_class"].items())
-    head = "CLS token" if r.family == "vit" else "CLS + distillation token (logits = mean of the two heads)"
+    arch, head, head_short, shape = _card_architecture(r)
     met = "met" if t["mAP"] >= TARGET_MAP and t["per_item_recall"] >= TARGET_RECALL else "NOT met"
-    head_short = "the CLS token only" if r.family == "vit" else "the CLS and distillation tokens only"
     distil = f"\n- Distillation token: {r.distillation}." if r.distillation else ""
+    rollout = info.get("grad_rollout_in_mask")
+    rate = (
+        f"\n- grad rollout for each item's class puts its maximum inside that item's mask for {rollout['hits']} of "
+        f"{rollout['total']} items of the shipped two-object demo scenes ({rollout['rate']:.0%})."
+        if rollout
+        else ""
+    )
     return f"""# vitlens:{r.name}
 
-A small {"ViT" if r.family == "vit" else "DeiT"} trained from scratch by `vitlens.train.embedded` to tell which
+A small {arch.removesuffix("ForImageClassification").removesuffix("ForImageClassificationWithTeacher")} trained \
+from scratch by `vitlens.train.embedded` to tell which
 Fashion-MNIST classes appear in a vitlens scene
 (multi-label, sigmoid head, `problem_type="multi_label_classification"`).
 
@@ -366,9 +408,7 @@ Fashion-MNIST classes appear in a vitlens scene
   seen in training.
 
 ## Architecture
-- transformers `{"ViTForImageClassification" if r.family == "vit" else "DeiTForImageClassificationWithTeacher"}`,
-  {r.image_size} px input, patch {r.patch_size} ({(r.image_size // r.patch_size) ** 2} patch tokens),
-  hidden {r.hidden_size}, {r.num_layers} layers, {r.num_heads} heads, MLP {r.mlp_ratio * r.hidden_size};
+- transformers `{arch}`, {r.image_size} px input, patch {r.patch_size}, {shape};
   {info["parameters"]:,} parameters (float32).
 - Readout: {head}; 10 outputs, one sigmoid per class.{distil}
 - Preprocessing (preprocessor_config.json): resize to {r.image_size}x{r.image_size} (bicubic), scale to [0, 1],
@@ -376,8 +416,9 @@ Fashion-MNIST classes appear in a vitlens scene
 
 ## Training recipe
 - Loss: binary cross-entropy with logits on the readout, plus {r.patch_loss} x the same BCE of the same classifier
-  applied to every patch token against that patch's classes (token labelling: class k is on where items of class k
-  cover >= {PATCH_COVER:.0%} of the patch, from the scene masks). The patch term only speeds up and localises
+  applied to every final token ({"the last stage's tokens" if r.family == "swin" else "patch tokens"}) against the
+  classes of its image cell (token labelling: class k is on where items of class k cover >= {PATCH_COVER:.0%} of the
+  cell, from the scene masks). The patch term only speeds up and localises
   training; the saved model is the plain transformers classifier and reads out {head_short}.
 - Optimiser: AdamW (lr {r.lr}, weight decay {r.weight_decay} on matrices), linear
   warmup over {r.warmup:.0%} of the schedule then cosine to 0; batch {r.batch_size}; {r.steps} planned steps,
@@ -392,7 +433,7 @@ Fashion-MNIST classes appear in a vitlens scene
 - mean average precision (macro over classes): **{t["mAP"]:.4f}**
 - per-item recall (fraction of items whose class gets probability >= {t["threshold"]}): **{t["per_item_recall"]:.4f}**
 - precision of the predicted labels at {t["threshold"]}: {t["precision_at_threshold"]:.4f}; exact-match scenes:
-  {t["exact_match"]:.4f}
+  {t["exact_match"]:.4f}{rate}
 
 | class | AP | recall | items |
 |---|---|---|---|
@@ -405,6 +446,29 @@ Fashion-MNIST classes appear in a vitlens scene
   {r.image_size} px.
 - Probabilities are not calibrated beyond what BCE training gives.
 """
+
+
+def _card_architecture(r: Recipe) -> tuple[str, str, str, str]:
+    """(class name, readout, readout in short, shape sentence) of a recipe, for its model card."""
+    side = r.image_size // r.patch_size
+    if r.family == "swin":
+        grids = " -> ".join(f"{side >> i}x{side >> i}" for i in range(len(r.depths)))
+        heads = [r.num_heads * 2**i for i in range(len(r.depths))]
+        shape = (
+            f"embedding width {r.hidden_size} (doubling per stage), depths {list(r.depths)}, heads {heads}, window "
+            f"{r.window_size} (token grids {grids}; shifted windows in every second block where the grid is larger "
+            f"than the window), MLP ratio {r.mlp_ratio}"
+        )
+        mean = "mean of the final tokens (no CLS token)"
+        return "SwinForImageClassification", mean, "the mean of the final tokens", shape
+    shape = (
+        f"{side * side} patch tokens, hidden {r.hidden_size}, {r.num_layers} layers, {r.num_heads} heads, "
+        f"MLP {r.mlp_ratio * r.hidden_size}"
+    )
+    if r.family == "vit":
+        return "ViTForImageClassification", "CLS token", "the CLS token only", shape
+    both = "CLS + distillation token (logits = mean of the two heads)"
+    return "DeiTForImageClassificationWithTeacher", both, "the CLS and distillation tokens only", shape
 
 
 def main(argv: list[str] | None = None) -> None:
