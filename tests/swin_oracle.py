@@ -93,10 +93,8 @@ def loop_attention(block, hs: torch.Tensor, grid: tuple[int, int], timm_style: b
             for qr, qc in members:
                 k = (feat[:, qr, qc] @ wk.T + bk).view(b, heads, d)
                 rel = (pr - qr + m - 1) * (2 * m - 1) + (pc - qc + m - 1)
-                if v2:
-                    sc = _v2_score(attn, q, k, table[rel])
-                else:
-                    sc = (q * k).sum(-1) / math.sqrt(d) + table[rel]
+                dot = (q * k).sum(-1) / math.sqrt(d) + table[rel]
+                sc = _v2_score(attn, q, k, table[rel]) if v2 else dot
                 if s > 0 and (_region(pr, hp, m, s), _region(pc, wp, m, s)) != (
                         _region(qr, hp, m, s), _region(qc, wp, m, s)):
                     sc = sc - 100.0
