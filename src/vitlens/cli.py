@@ -191,9 +191,7 @@ def models() -> None:
     if not found:
         click.echo("  none installed yet")
     for name in found:
-        card = zoo.model_card(name)
-        first = next((ln.strip("# ").strip() for ln in (card or "").splitlines() if ln.strip()), "")
-        click.echo(f"  vitlens:{name}" + (f"  {first}" if first else ""))
+        click.echo(f"  vitlens:{name}  ({zoo.model_summary(name)})")
     click.echo("supported families:")
     for key, text in FAMILIES.items():
         click.echo(f"  {key}: {text}")

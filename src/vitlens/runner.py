@@ -47,7 +47,6 @@ DEMO_NOTE = (
     "so its maps show the method, not learned behaviour"
 )
 DEMO_MODEL = "scenes-vit"
-DEMO_MAX_SCENES = 3
 
 
 # ---- models ---------------------------------------------------------------------------------------------------------
@@ -435,7 +434,7 @@ def demo_inputs(model_name: str = DEMO_MODEL,
     if model_name in zoo.zoo_models():
         scenes = _scene_images(assets / "scenes")
         if scenes:
-            return load(f"vitlens:{model_name}"), scenes[:DEMO_MAX_SCENES], ""
+            return load(f"vitlens:{model_name}"), scenes, ""
     return None, [assets / "demo_cat.png"], DEMO_NOTE
 
 

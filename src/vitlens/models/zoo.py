@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -19,3 +20,19 @@ def model_card(name: str) -> str | None:
     """The model card text of an embedded model, if it ships one."""
     card = zoo_models().get(name, Path("/nonexistent")) / "MODEL_CARD.md"
     return card.read_text() if card.is_file() else None
+
+
+def model_summary(name: str) -> str:
+    """One line about an embedded model: architecture and test metrics from its metrics.json, and its card's path."""
+    folder = zoo_models().get(name)
+    if folder is None:
+        return ""
+    try:
+        info = json.loads((folder / "metrics.json").read_text())
+        arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+        t = info["test"]
+        text = f"{arch}, test mAP {t['mAP']:.3f}, per-item recall {t['per_item_recall']:.3f}"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        text = "no metrics"
+    card = folder / "MODEL_CARD.md"
+    return f"{text}; card: {card}" if card.is_file() else text
