@@ -44,8 +44,16 @@ def _v2_score(attn, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> tor
 def loop_attention(block, hs: torch.Tensor, grid: tuple[int, int], timm_style: bool) -> torch.Tensor:
     """[B, heads, N, N] by a loop over tokens (slow, obvious). Swin v1 (HF, timm) and HF Swinv2."""
     h, w = grid
-    v2 = type(block).__name__ == "Swinv2Layer"
-    if v2:  # post-norm: attention reads the block input itself; the bias table comes out of a small MLP
+    v2 = type(block).__name__ in ("Swinv2Layer", "SwinTransformerV2Block")
+    if v2 and timm_style:  # post-norm: attention reads the block input itself; the bias table comes out of a small MLP
+        attn = block.attn
+        norm = torch.nn.Identity()
+        m, s = block.window_size[0], block.shift_size[0]
+        heads = attn.num_heads
+        wq, wk = attn.qkv.weight.chunk(3)[:2]
+        bq, bk = attn.q_bias, attn.k_bias
+        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, heads)
+    elif v2:
         attn = block.attention.self
         norm = torch.nn.Identity()
         m, s = int(block.window_size), int(block.shift_size)

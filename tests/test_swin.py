@@ -29,6 +29,11 @@ def timm_swin(image=32, window=4, depths=(2, 2, 2), heads=(1, 2, 4)):
                              embed_dim=8, depths=depths, num_heads=heads, window_size=window, num_classes=5).eval()
 
 
+def timm_swinv2(image=32, window=4, depths=(2, 2, 2), heads=(1, 2, 4)):
+    return timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=image, patch_size=2, embed_dim=8,
+                             depths=depths, num_heads=heads, window_size=window, num_classes=5).eval()
+
+
 CONFIGS = {
     # grids 16, 8, 4: divisible by window 4; the last stage is one unshifted window
     "hf-w4": (lambda: hf_swin(32, 4), 32),
@@ -42,6 +47,8 @@ CONFIGS = {
     "timm-w4": (lambda: timm_swin(32, 4), 32),
     "timm-w7": (lambda: timm_swin(56, 7), 56),
     "timm-w4-padded": (lambda: timm_swin(36, 4), 36),
+    "timmv2-w4": (lambda: timm_swinv2(32, 4), 32),
+    "timmv2-w4-padded": (lambda: timm_swinv2(36, 4), 36),
 }
 
 
@@ -68,6 +75,8 @@ def test_global_attention_equals_per_token_loop(name):
     shifted = 0
     for i, (blk, (hs, grid)) in enumerate(zip(blocks, inputs)):
         want = loop_attention(blk, hs, grid, timm_style=name.startswith("timm"))
+        if name.startswith("timmv2") or name.startswith("hfv2"):
+            assert type(blk).__name__ in ("SwinTransformerV2Block", "Swinv2Layer")
         got = rec.probs[i]
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -115,7 +124,7 @@ def test_rollout_across_stages_matches_dense_product(name):
 
 
 @pytest.mark.parametrize("method", ["attention", "rollout", "grad_rollout"])
-@pytest.mark.parametrize("name", ["hf-w4-padded", "hfv2-w4", "timm-w7"])
+@pytest.mark.parametrize("name", ["hf-w4-padded", "hfv2-w4", "timm-w7", "timmv2-w4-padded"])
 def test_swin_batch_equals_one_by_one(method, name):
     module, x = _build(name)
     m = vitlens.METHODS[method](vitlens.wrap(module), **({"query": (3, 5)} if method == "attention" else {}))
@@ -202,7 +211,7 @@ def test_timm_swin_input_size_mismatch_is_one_clear_line():
         vitlens.Rollout(model).explain(torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize("name", ["hf-w4", "hfv2-w4", "timm-w4"])
+@pytest.mark.parametrize("name", ["hf-w4", "hfv2-w4", "timm-w4", "timmv2-w4"])
 def test_swin_record_restores_the_model_even_after_an_error(name):
     module, x = _build(name)
     model = vitlens.wrap(module)

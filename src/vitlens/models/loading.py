@@ -15,7 +15,7 @@ SPEC_HELP = "an nn.Module, 'hf:ORG/NAME', a local HF folder, 'timm:NAME' (with o
 FAMILIES = {
     "hf": "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; head or backbone",
     "timm": "timm VisionTransformer: ViT, DeiT, distilled DeiT, register tokens, any patch size, non-square grids",
-    "swin": "Swin Transformer: transformers Swin / Swinv2 (ForImageClassification or Model), timm SwinTransformer",
+    "swin": "Swin Transformer: transformers Swin / Swinv2 (ForImageClassification or Model), timm SwinTransformer(V2)",
 }
 
 

@@ -184,7 +184,7 @@ class HFSwinModel(_SwinBase):
 
 
 class TimmSwinModel(_SwinBase):
-    """timm SwinTransformer (blocks take and return (B, H, W, C))."""
+    """timm SwinTransformer and SwinTransformerV2 (blocks take and return (B, H, W, C); roll, then pad)."""
 
     family = "timm-swin"
     pad_then_roll = False
@@ -248,5 +248,6 @@ def is_hf_swin(module: nn.Module) -> bool:
 
 
 def is_timm_swin(module: nn.Module) -> bool:
-    """timm SwinTransformer."""
-    return any(c.__module__.startswith("timm.") and c.__name__ == "SwinTransformer" for c in type(module).mro())
+    """timm SwinTransformer or SwinTransformerV2."""
+    names = ("SwinTransformer", "SwinTransformerV2")
+    return any(c.__module__.startswith("timm.") and c.__name__ in names for c in type(module).mro())

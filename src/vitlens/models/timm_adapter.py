@@ -101,9 +101,10 @@ class TimmVitModel(VitModel):
 
 
 def unfuse(attns: list[nn.Module]) -> Callable[[], None]:
-    """Switch timm attention modules to explicit softmax attention (``fused_attn = False``); return the undo."""
-    saved = [(a, a.fused_attn) for a in attns]
-    for a in attns:
+    """Switch timm attention modules to explicit softmax attention (``fused_attn = False``); return the undo.
+    Modules without the flag (e.g. Swinv2's cosine attention, always explicit) are left alone."""
+    saved = [(a, a.fused_attn) for a in attns if hasattr(a, "fused_attn")]
+    for a, _ in saved:
         a.fused_attn = False
 
     def undo() -> None:
