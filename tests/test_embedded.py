@@ -13,15 +13,17 @@ import vitlens
 from vitlens.data import SceneDataset, load_demo_scenes, load_fixture_items
 from vitlens.localisation import grad_rollout_in_mask
 from vitlens.models import zoo
-from vitlens.train.embedded import RECIPES, _model_from_config, build_embedded
+from vitlens.train.embedded import RECIPES, _model_from_config, build_embedded, localisation_scenes
 from vitlens.train.metrics import per_class_ap
 
 NAMES = ["scenes-deit", "scenes-swin", "scenes-vit"]
 # Floors on 200 held-out scenes drawn from the committed Fashion-MNIST *test* items (never seen in training), set a
 # margin below what the shipped models measure (see each MODEL_CARD.md); chance (class prevalence) is about 0.2.
-MAP_FLOOR = {"scenes-vit": 0.0, "scenes-deit": 0.0, "scenes-swin": 0.0}
-# Fraction of the shipped two-object scenes' items whose grad rollout maximum lies in the item's mask.
-IN_MASK_FLOOR = {"scenes-vit": 0.0, "scenes-deit": 0.0, "scenes-swin": 0.0}
+MAP_FLOOR = {"scenes-vit": 0.40, "scenes-deit": 0.45, "scenes-swin": 0.0}
+# Fraction of items whose grad rollout maximum lies in the item's mask: on the shipped two-object demo scenes ("most")
+# and on 100 held-out two-object scenes.
+IN_MASK_FLOOR = {"scenes-vit": 0.75, "scenes-deit": 0.75, "scenes-swin": 0.0}
+HELD_OUT_IN_MASK_FLOOR = {"scenes-vit": 0.6, "scenes-deit": 0.6, "scenes-swin": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -81,5 +83,10 @@ def test_grad_rollout_max_lands_inside_the_item_mask(name):
                                [s.classes for s in scenes])
     assert loc.total == 2 * len(scenes)
     assert loc.rate >= IN_MASK_FLOOR[name]
+    images, masks, classes, _ = localisation_scenes()
+    held = grad_rollout_in_mask(model, images, masks, classes)
+    assert held.total > 150 and held.rate >= HELD_OUT_IN_MASK_FLOOR[name]
     info = json.loads((zoo.zoo_models()[name] / "metrics.json").read_text())
-    assert info["grad_rollout_in_mask"]["hits"] == loc.hits  # the card states what the model does
+    # the card states what the model does (near ties may move an argmax on another BLAS)
+    assert abs(info["grad_rollout_in_mask"]["hits"] - loc.hits) <= 1
+    assert abs(info["grad_rollout_in_mask_held_out"]["hits"] - held.hits) <= 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ TEST_SEED = 0
 MAX_ITEMS = 3
 PATCH_COVER = 0.15
 TARGET_MAP, TARGET_RECALL = 0.90, 0.85
+LOCALISATION_SCENES, LOCALISATION_SEED = 100, 5
+TWO_OBJECTS = SceneConfig(min_items=2, max_items=2)
 # Warm-up curriculum: one large item on a plain background, to get past the from-scratch plateau quickly.
 EASY_SCENES = SceneConfig(min_items=1, max_items=1, scale_range=(2.5, 3.5), backgrounds={"plain": 1.0})
 
@@ -344,6 +347,7 @@ def train_embedded(
         "recipe": asdict(r),
         "parameters": n_params,
         "threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
         "device": f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}",
         "steps_done": hist.steps,
         "steps_planned": r.steps,
@@ -359,25 +363,41 @@ def train_embedded(
     return describe_folder(Path(out_dir) / name)
 
 
+def localisation_scenes(n: int = LOCALISATION_SCENES) -> tuple[list, list, list, str]:
+    """Two-object scenes with ground truth for localisation rates: (images, masks, classes, description).
+
+    Seeded test scenes from the committed Fashion-MNIST test items (never seen in training), so that tests can
+    measure the same rate without the Debian package."""
+    from vitlens.data.fashion_mnist import load_fixture_items
+
+    ds = SceneDataset(n, seed=LOCALISATION_SEED, split="test", cfg=TWO_OBJECTS, items=load_fixture_items())
+    scenes = [ds[i] for i in range(n)]
+    about = f"{n} two-object SceneDataset(split='test', seed={LOCALISATION_SEED}) scenes from the fixture test items"
+    return [s.image for s in scenes], [s.masks for s in scenes], [s.classes for s in scenes], about
+
+
 def describe_folder(folder: Path) -> dict:
-    """Measure a trained folder's localisation on the shipped two-object demo scenes (grad rollout for each item's
-    class, maximum inside the item's mask), add it to metrics.json and rewrite MODEL_CARD.md. Returns the metrics."""
+    """Measure a trained folder's localisation (grad rollout for each item's class, maximum inside the item's mask) on
+    the shipped two-object demo scenes and on held-out two-object scenes, add both to metrics.json and rewrite
+    MODEL_CARD.md. Returns the metrics."""
     from vitlens.data.scenes import load_demo_scenes
     from vitlens.localisation import DEFAULT_MIN_COVER, grad_rollout_in_mask
     from vitlens.models.loading import load_model
 
     info = json.loads((folder / "metrics.json").read_text())
     r = Recipe(**{**info["recipe"], "depths": tuple(info["recipe"].get("depths", ()))})
-    scenes = load_demo_scenes()
-    loc = grad_rollout_in_mask(
-        load_model(str(folder)), [s.image for s in scenes], [s.masks for s in scenes], [s.classes for s in scenes]
-    )
+    model = load_model(str(folder))
+    demo = load_demo_scenes()
+    loc = grad_rollout_in_mask(model, [s.image for s in demo], [s.masks for s in demo], [s.classes for s in demo])
     info["grad_rollout_in_mask"] = {
         **loc.as_dict(),
         "per_item": loc.per_item,
-        "scenes": [s.name for s in scenes],
+        "scenes": [s.name for s in demo],
         "min_cover": DEFAULT_MIN_COVER,
     }
+    images, masks, classes, about = localisation_scenes()
+    held = grad_rollout_in_mask(model, images, masks, classes)
+    info["grad_rollout_in_mask_held_out"] = {**held.as_dict(), "scenes": about, "min_cover": DEFAULT_MIN_COVER}
     (folder / "metrics.json").write_text(json.dumps(info, indent=2) + "\n")
     (folder / "MODEL_CARD.md").write_text(model_card(r, info))
     return info
@@ -409,13 +429,22 @@ def model_card(r: Recipe, info: dict) -> str:
     rows = "\n".join(f"| {c} | {v['AP']:.4f} | {v['recall']:.4f} | {v['items']} |" for c, v in t["per_class"].items())
     arch, head, head_short, shape = _card_architecture(r)
     met = "met" if t["mAP"] >= TARGET_MAP and t["per_item_recall"] >= TARGET_RECALL else "NOT met"
+    shortfall = (
+        "\n- It falls short of the project's quality targets: trained from scratch for under 30 minutes on one CPU "
+        "thread, it is\n  far from converged (a transformer without convolutional priors learns these tinted, "
+        "freely placed items slowly).\n  Low recall at 0.5 means under-confident probabilities: rank by probability "
+        "rather than thresholding."
+        if met == "NOT met"
+        else ""
+    )
     distil = f"\n- Distillation token: {r.distillation}." if r.distillation else ""
-    rollout = info.get("grad_rollout_in_mask")
+    rollout, held = info.get("grad_rollout_in_mask"), info.get("grad_rollout_in_mask_held_out")
     rate = (
         f"\n- grad rollout for each item's class puts its maximum inside that item's mask for {rollout['hits']} of "
-        f"{rollout['total']} items of the shipped two-object demo scenes ({rollout['rate']:.0%}; a hit: the map's "
-        f"top token cell is at least {rollout['min_cover']:.0%} covered by the item's mask)."
-        if rollout
+        f"{rollout['total']} items of the shipped two-object demo scenes ({rollout['rate']:.0%}), and for "
+        f"{held['hits']} of {held['total']} items ({held['rate']:.0%}) of {held['scenes']} (a hit: the map's top "
+        f"token cell is at least {rollout['min_cover']:.0%} covered by the item's mask)."
+        if rollout and held
         else ""
     )
     return f"""# vitlens:{r.name}
@@ -449,7 +478,8 @@ Fashion-MNIST classes appear in a vitlens scene
   warmup over {r.warmup:.0%} of the schedule then cosine to 0; batch {r.batch_size}; {r.steps} planned steps,
   {info["steps_done"]} done (stopped by: {info["stopped"]}); gradient clipping at norm 1; seed {info["seed"]}.
 - Time: {info["train_seconds"] / 60:.1f} min of training ({info["total_seconds"] / 60:.1f} min in all, data
-  generation {info["data_seconds"]:.0f} s) on {info["device"]}, {info["threads"]} thread(s).
+  generation {info["data_seconds"]:.0f} s) on {info["device"]}, {info["threads"]} thread(s)
+  of a {info.get("cpu_cores", 2)}-core machine.
 - Rebuild: `python -m vitlens.train.embedded {r.name} --seed {info["seed"]} --out src/vitlens/models/zoo`
   (bit-identical only if the run again finishes by steps, not by the time budget).
 
@@ -469,7 +499,7 @@ Fashion-MNIST classes appear in a vitlens scene
   kinds. It is a toy for explanation demos, not a clothing recogniser for photos.
 - Shirt / T-shirt / pullover / coat are the hardest classes (as in Fashion-MNIST itself); small items lose detail at
   {r.image_size} px.
-- Probabilities are not calibrated beyond what BCE training gives.
+- Probabilities are not calibrated beyond what BCE training gives.{shortfall}
 """
 
 
