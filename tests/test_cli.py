@@ -260,6 +260,9 @@ def test_models_lists_families(capsys):
     assert "hf:" in stdout and "timm:" in stdout
     if not zoo.zoo_models():
         assert "none installed yet" in stdout
+    for name in zoo.zoo_models():
+        line = next(ln for ln in stdout.splitlines() if f"vitlens:{name} " in ln)
+        assert "test mAP" in line and "MODEL_CARD.md" in line
 
 
 def test_demo_with_random_model(tmp_path, capsys, monkeypatch, hf_dir):
