@@ -90,3 +90,16 @@ def test_grad_rollout_max_lands_inside_the_item_mask(name):
     # the card states what the model does (near ties may move an argmax on another BLAS)
     assert abs(info["grad_rollout_in_mask"]["hits"] - loc.hits) <= 1
     assert abs(info["grad_rollout_in_mask_held_out"]["hits"] - held.hits) <= 3
+
+
+def test_demo_runs_the_embedded_vit_on_every_shipped_scene(tmp_path, capsys, offline):
+    from vitlens.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vitlens:scenes-vit" in out and "randomly initialised" not in out
+    names = [s.name for s in load_demo_scenes()]
+    kinds = ("heads", "rollout_mean", "rollout_max", "layers", "grad_rollout")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{n}_{k}.png" for n in names for k in kinds)
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("<img") == len(names) * len(kinds) and "each object&#x27;s class" in page

@@ -208,7 +208,7 @@ def demo(out, device) -> None:
         click.echo(note)
     result = runner.run_demo(out, device=device, progress=True, model=model or runner.random_vit(), images=images,
                              note=note)
-    click.echo(f"model: {result.model}")
+    click.echo(f"model: {f'vitlens:{runner.DEMO_MODEL} ' if model is not None else ''}({result.model})")
     for _, path in result.figures:
         click.echo(f"wrote {path}")
     click.echo(f"open {result.index} to see them all")
