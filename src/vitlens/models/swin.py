@@ -78,6 +78,17 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _remove_then(handles: list, undo_more: Callable[[], None]) -> Callable[[], None]:
+    """An undo that removes the adapter's own hooks, then runs `undo_more`."""
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+        undo_more()
+
+    return undo
+
+
 class _SwinBase(VitModel):
     """What both Swin adapters share: window geometry per block, the stage plan, mean readout."""
 
@@ -170,13 +181,7 @@ class HFSwinModel(_SwinBase):
             return args, {**kwargs, "output_attentions": True}
 
         handles = [layer.register_forward_pre_hook(ask_for_attention, with_kwargs=True) for layer in self._layers]
-
-        def undo() -> None:
-            for h in handles:
-                h.remove()
-            undo_eager()
-
-        return undo
+        return _remove_then(handles, undo_eager)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(pixel_values=x)
@@ -227,13 +232,7 @@ class TimmSwinModel(_SwinBase):
             return pre
 
         handles = [blk.register_forward_pre_hook(remember(i)) for i, blk in enumerate(self._blocks)]
-
-        def undo() -> None:
-            for h in handles:
-                h.remove()
-            undo_fused()
-
-        return undo
+        return _remove_then(handles, undo_fused)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         from vitlens.models.timm_adapter import check_input_size
