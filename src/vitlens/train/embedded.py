@@ -34,10 +34,9 @@ TEST_SEED = 0
 MAX_ITEMS = 3
 PATCH_COVER = 0.15
 TARGET_MAP, TARGET_RECALL = 0.90, 0.85
+FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "swin": "Swin"}
 LOCALISATION_SCENES, LOCALISATION_SEED = 100, 5
 TWO_OBJECTS = SceneConfig(min_items=2, max_items=2)
-# Warm-up curriculum: one large item on a plain background, to get past the from-scratch plateau quickly.
-EASY_SCENES = SceneConfig(min_items=1, max_items=1, scale_range=(2.5, 3.5), backgrounds={"plain": 1.0})
 
 
 @dataclass(frozen=True)
@@ -110,9 +109,9 @@ def build_embedded(name: str, **overrides):
     if r.family == "swin":
         from transformers import SwinConfig
 
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "hidden_dropout_prob"):
             common.pop(k)
-        common.pop("hidden_dropout_prob")
         return SwinConfig(
             **common,
             embed_dim=r.hidden_size,
@@ -163,22 +162,20 @@ def scene_arrays(
     size: int,
     grid: int = 8,
     cache_dir: Path | None = None,
-    cfg: SceneConfig | None = None,
-    tag: str = "",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Scenes resized to `size` px as arrays: images, labels, items, patch labels.
 
     images uint8 [N, size, size, 3] (PIL bicubic), labels float32 [N, 10] multi-hot, items int [N, 3] (class of
     each item, -1 pad), patch labels uint8 [N, grid * grid, 10]: class k is on for a patch when items of class k
-    cover at least PATCH_COVER of it. `cfg` draws other scenes (e.g. EASY_SCENES); `tag` names them in the cache.
+    cover at least PATCH_COVER of it.
     """
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"scenes{tag}-{split}-s{seed}-n{n}-{size}px-g{grid}.npz"
+        cache = Path(cache_dir) / f"scenes-{split}-s{seed}-n{n}-{size}px-g{grid}.npz"
         if cache.is_file():
             with np.load(cache) as z:
                 return z["images"], z["labels"], z["items"], z["patches"]
-    ds = SceneDataset(n, seed=seed, split=split, cfg=cfg)
+    ds = SceneDataset(n, seed=seed, split=split)
     images = np.empty((n, size, size, 3), np.uint8)
     labels = np.empty((n, NUM_CLASSES), np.float32)
     items = np.full((n, MAX_ITEMS), -1, np.int64)
@@ -449,8 +446,7 @@ def model_card(r: Recipe, info: dict) -> str:
     )
     return f"""# vitlens:{r.name}
 
-A small {arch.removesuffix("ForImageClassification").removesuffix("ForImageClassificationWithTeacher")} trained \
-from scratch by `vitlens.train.embedded` to tell which
+A small {FAMILY_NAMES[r.family]} trained from scratch by `vitlens.train.embedded` to tell which
 Fashion-MNIST classes appear in a vitlens scene
 (multi-label, sigmoid head, `problem_type="multi_label_classification"`).
 
