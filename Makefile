@@ -1,50 +1,68 @@
+# Two environments that never share installed packages:
+#   .venv       the user environment (make demo, make models, every README command): vitlens[hf,lime], never an
+#               unloadable torchvision. PyPI's torchvision is CUDA-linked and cannot load its ops against the CPU
+#               torch, and transformers imports torchvision whenever it is installed, so its presence breaks
+#               transformers' model classes.
+#   .venv-test  tests, lint, type check, benchmarks: vitlens[test], whose timm brings that torchvision back;
+#               tests/conftest.py (and bench/_env.py) declare its two op schemas before anything imports it.
+# Each is built once and rebuilt when pyproject.toml or constraints.txt change (a stamp file inside it records that).
 VENV ?= .venv
+TEST_VENV ?= .venv-test
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --quiet --disable-pip-version-check
+TPY := $(TEST_VENV)/bin/python
+STAMP := .vitlens-installed
 # torch always comes through constraints.txt (the local CPU build); letting pip choose pulls CUDA wheels.
-INSTALL := $(PIP) install -c constraints.txt
+INSTALL = $(1)/bin/python -m pip --quiet --disable-pip-version-check install -c constraints.txt
 
-.PHONY: demo test lint bench clean models
+.PHONY: demo test lint typecheck bench clean models user-env test-env
 
-$(PY):
+$(VENV)/$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(INSTALL) torch==2.13.0
+	$(call INSTALL,$(VENV)) -e ".[hf,lime]"
+	@touch $@
+
+$(TEST_VENV)/$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(TEST_VENV)
+	$(call INSTALL,$(TEST_VENV)) -e ".[test]"
+	@touch $@
+
+# The user environment, checked on every use: an unloadable torchvision (left by an older `make test` that shared
+# .venv, or installed by hand with timm) is removed, because it breaks `import transformers`' model classes.
+user-env: $(VENV)/$(STAMP)
+	@! $(PY) -m pip show torchvision >/dev/null 2>&1 || $(PY) -c "import torchvision" >/dev/null 2>&1 || \
+		{ echo "removing torchvision from $(VENV): its build cannot load against this torch (tests use $(TEST_VENV))"; \
+		  $(PY) -m pip --quiet uninstall -y torchvision; }
+
+test-env: $(TEST_VENV)/$(STAMP)
+
+demo: user-env
+	$(VENV)/bin/vitlens demo --out out/demo
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-HF_ONLY = $(INSTALL) -e ".[hf]"; \
-	$(PY) -c "import torchvision" >/dev/null 2>&1 || ! $(PY) -m pip show torchvision >/dev/null 2>&1 || \
-		{ echo "removing torchvision: its build cannot load against this torch (make test puts it back)"; \
-		  $(PIP) uninstall -y torchvision; }
-
-# The demo needs the library and transformers only. timm's dependency torchvision, where its PyPI build cannot
-# load against the CPU torch, also breaks `import transformers`; the demo environment then goes without it.
-demo: $(PY)
-	@$(HF_ONLY)
-	$(VENV)/bin/vitlens demo --out out/demo
 
 # Rebuilds the three embedded models from seed 0 (under 30 min each on one CPU thread). Training needs the full
 # Fashion-MNIST, which the Debian package dataset-fashion-mnist installs under /usr/share/datasets/fashion-mnist.
-models: $(PY)
+models: user-env
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 		$(SUDO) apt-get install -y dataset-fashion-mnist
-	@$(HF_ONLY)
 	$(PY) -m vitlens.train.embedded --all --out src/vitlens/models/zoo --threads 1 --cache .cache/scenes
 
-# The tests need timm and transformers; tests/conftest.py works around a torchvision that cannot load its ops.
-test: $(PY)
-	$(INSTALL) -e ".[test]"
-	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+test: test-env
+	$(TEST_VENV)/bin/ruff check .
+	$(TPY) -m pytest
 
-lint: $(PY)
-	$(VENV)/bin/ruff check .
+lint: test-env
+	$(TEST_VENV)/bin/ruff check .
 
-bench: $(PY)
-	$(INSTALL) -e ".[test]"
-	$(PY) bench/bench_rollout.py
-	$(PY) bench/bench_memory.py
-	$(INSTALL) -e ".[bench]"
-	$(PY) bench/bench_lime.py
+# mypy over src/ (configuration in pyproject.toml).
+typecheck: test-env
+	$(TPY) -m mypy
+
+bench: test-env
+	$(call INSTALL,$(TEST_VENV)) -e ".[bench]"
+	$(TPY) bench/bench_rollout.py
+	$(TPY) bench/bench_memory.py
+	$(TPY) bench/bench_lime.py
 
 clean:
-	rm -rf $(VENV) out build src/*.egg-info
+	rm -rf $(VENV) $(TEST_VENV) out build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
