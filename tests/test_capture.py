@@ -132,3 +132,54 @@ def test_grads_need_record_with_grads():
 def test_module_without_attention_is_refused():
     with pytest.raises(VitlensError, match="not a supported ViT-family model"):
         vitlens.wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+
+
+def _grads_of_one_run(model, x, target):
+    """d logit[target] / d probs of every block from a single, un-nested record."""
+    with model.record(grads=True) as rec:
+        out = model(x)
+    return rec.grads(out[:, target])
+
+
+@pytest.mark.parametrize("builder", [hf_vit, timm_vit])
+def test_nested_records_with_grads_keep_both_gradients(builder):
+    """An inner record(grads=True) must not switch the outer record's gradients off when it exits."""
+    torch.manual_seed(0)
+    module = builder()
+    model = vitlens.wrap(module)
+    x = torch.randn(2, 3, 32, 32)
+    want = _grads_of_one_run(model, x, 1)
+    before = _state(module)
+    with model.record(grads=True) as outer:
+        with model.record(grads=True) as inner:
+            out = model(x)
+            got_inner = inner.grads(out[:, 1], retain_graph=True)
+        got_outer_same_pass = outer.grads(out[:, 1])
+        out = model(x)  # a forward after the inner record closed: still with gradients
+        got_outer = outer.grads(out[:, 1])
+    assert _state(module) == before
+    for got in (got_inner, got_outer_same_pass, got_outer):
+        assert len(got) == len(want) == model.num_blocks
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    assert any(float(w.abs().sum()) > 0 for w in want)  # the comparison is not between zeros
+
+
+def test_records_closed_out_of_order_restore_the_model():
+    """Records entered by hand and closed outer-first: gradients stay on while one is open, every flag comes back."""
+    module = hf_vit()
+    model = vitlens.wrap(module)
+    next(module.parameters()).requires_grad_(False)
+    before = _state(module)
+    x = torch.randn(1, 3, 32, 32)
+    want = _grads_of_one_run(model, x, 0)
+    a, b = model.record(grads=True), model.record(grads=True)
+    a.__enter__()
+    rec = b.__enter__()
+    a.__exit__(None, None, None)  # the outer one closes first
+    out = model(x)
+    got = rec.grads(out[:, 0])
+    b.__exit__(None, None, None)
+    assert _state(module) == before
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)

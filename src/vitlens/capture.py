@@ -72,16 +72,62 @@ def _restore_training(module: torch.nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _restore_requires_grad(module: torch.nn.Module, value: bool) -> Callable[[], None]:
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(value)
+def _explicit_eval(model: VitModel) -> Callable[[], None]:
+    """Eval mode and explicit attention; returns the undo (explicit attention first, then the train/eval modes)."""
+    undo_training = _restore_training(model.module)
+    model.module.eval()
+    try:
+        undo_attention = model._use_explicit_attention()
+    except BaseException:
+        undo_training()
+        raise
 
     def undo() -> None:
+        try:
+            undo_attention()
+        finally:
+            undo_training()
+
+    return undo
+
+
+def _grads_from_input(model: VitModel) -> Callable[[], None]:
+    """Freeze the parameters and let ``model.forward`` make its input require grad; returns the undo."""
+    flags = [(p, p.requires_grad) for p in model.module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model._grad_input = True
+
+    def undo() -> None:
+        model._grad_input = False
         for p, flag in flags:
             p.requires_grad_(flag)
 
     return undo
+
+
+def _hold(model: VitModel, key: str, change: Callable[[], Callable[[], None]]) -> Callable[[], None]:
+    """Share one model-wide change between the records open on ``model``: the first to open makes it, the last to
+    close undoes it, in whatever order they close (a nested record must not undo what the outer one still needs).
+    Returns this record's release."""
+    holds: dict[str, list] = model.__dict__.setdefault("_record_holds", {})
+    if key not in holds:
+        holds[key] = [0, change()]
+    entry = holds[key]
+    entry[0] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        entry[0] -= 1
+        if entry[0] == 0:
+            del holds[key]
+            entry[1]()
+
+    return release
 
 
 @contextmanager
@@ -100,20 +146,18 @@ def record(
       stored, so a consumer such as rollout needs memory for one block at a time.
 
     On exit, always (also after an exception), hooks are removed and the model's train/eval modes, attention
-    implementation flags and ``requires_grad`` flags are restored.
+    implementation flags and ``requires_grad`` flags are restored. Records may be nested (or closed out of order):
+    those model-wide changes are made by the first record to open and undone by the last one to close.
     """
     n = model.num_blocks
     selected = set(range(n)) if blocks is None else {b % n if -n <= b < n else _bad_block(b, n) for b in blocks}
     rec = AttentionRecord(num_blocks=n)
     with ExitStack() as stack:
-        stack.callback(_restore_training(model.module))
-        model.module.eval()
-        stack.callback(model._use_explicit_attention())
+        stack.callback(_hold(model, "explicit", lambda: _explicit_eval(model)))
+        model.module.eval()  # also when an outer record already holds the model (the user may have called train())
         if grads:
-            stack.callback(_restore_requires_grad(model.module, False))
+            stack.callback(_hold(model, "grads", lambda: _grads_from_input(model)))
             stack.enter_context(torch.enable_grad())
-            model._grad_input = True
-            stack.callback(setattr, model, "_grad_input", False)
         for i, (site, extract) in enumerate(model._attention_sites()):
             if i not in selected:
                 continue
