@@ -1,4 +1,5 @@
-"""Occlusion (Zeiler & Fergus 2014): how much the target's score drops when a window is covered, all windows batched.
+"""Occlusion (Zeiler & Fergus 2014): how much the target's score drops when a window is covered, all windows batched,
+spread back over the image: each pixel gets the mean drop of the windows that cover it.
 
 Works on any image classifier (see `vitlens.methods.lime.as_classifier`).
 """
@@ -36,10 +37,19 @@ class Occlusion(PerturbationMethod):
     by ``baseline``: a number (in the model's input space, i.e. after normalisation; 0.0 is the dataset mean),
     'mean' (the image's mean colour) or 'blur' (the blurred image, sigma = max(H, W) / 20).
 
-    ``maps`` [B, nh, nw] are at the window-grid resolution (one value per window position, windows that overlap are
-    not averaged): the positive drops divided by their maximum. ``extras['drop']`` [B, nh, nw] holds the signed
-    drops (score of the image minus score with the window covered); ``extras['starts_y'/'starts_x']`` the windows'
-    top/left pixel. Scores are probabilities (``output='probs'``) or logits.
+    ``maps`` [B, H, W] are in image coordinates: each pixel holds the mean of the signed drops of every window that
+    covers it (overlapping windows are averaged, as captum's Occlusion does), then the positive part is divided by its
+    maximum. Pixels that no window covers (when the stride does not reach the right or bottom edge) get 0: no
+    evidence either way, and never NaN. ``extras`` holds:
+
+    - ``'drop'`` [B, nh, nw]: the signed drop of each window position (score of the image minus score with the
+      window covered);
+    - ``'grid'`` [B, nh, nw]: the window-grid map (positive drops divided by their maximum);
+    - ``'pixel_drop'`` [B, H, W]: the signed per-pixel mean drop that ``maps`` normalises;
+    - ``'coverage'`` [H, W]: how many windows cover each pixel (int64);
+    - ``'starts_y'`` / ``'starts_x'``: the windows' top / left pixel.
+
+    Scores are probabilities (``output='probs'``) or logits.
     """
 
     name = "occlusion"
@@ -72,18 +82,33 @@ class Occlusion(PerturbationMethod):
             return gaussian_blur(x, max(x.shape[-2:]) / 20.0)
         return torch.full_like(x, float(self.baseline))
 
-    def window_masks(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Bool masks [nh * nw, H, W] (True inside each window), built by broadcasting, and the start lists."""
+    def window_extents(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool [nh, H] (row r inside the i-th window row) and [nw, W] (column c inside the j-th window column)."""
         ys = window_starts(h, self.window[0], self.stride[0])
         xs = window_starts(w, self.window[1], self.stride[1])
-        rows = torch.arange(h, device=device)
-        cols = torch.arange(w, device=device)
         y0 = torch.tensor(ys, device=device)[:, None]
         x0 = torch.tensor(xs, device=device)[:, None]
-        in_y = (rows >= y0) & (rows < y0 + self.window[0])  # [nh, H]
-        in_x = (cols >= x0) & (cols < x0 + self.window[1])  # [nw, W]
+        rows = torch.arange(h, device=device)
+        cols = torch.arange(w, device=device)
+        return (rows >= y0) & (rows < y0 + self.window[0]), (cols >= x0) & (cols < x0 + self.window[1])
+
+    def window_masks(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Bool masks [nh * nw, H, W] (True inside each window), built by broadcasting, and the start lists."""
+        in_y, in_x = self.window_extents(h, w, device)
         masks = in_y[:, None, :, None] & in_x[None, :, None, :]  # [nh, nw, H, W]
+        ys = window_starts(h, self.window[0], self.stride[0])
+        xs = window_starts(w, self.window[1], self.stride[1])
         return masks.reshape(-1, h, w), ys, xs
+
+    def to_pixels(self, drop: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window drops [B, nh, nw] -> (mean drop of the windows covering each pixel [B, H, W], 0 where none does;
+        number of covering windows [H, W]). A window is a product of a row range and a column range, so the sum over
+        windows is in_y^T @ drop @ in_x."""
+        in_y, in_x = (m.to(drop.dtype) for m in self.window_extents(h, w, drop.device))
+        total = in_y.T @ drop @ in_x  # [B, H, W]
+        coverage = in_y.sum(0)[:, None] * in_x.sum(0)[None, :]
+        mean = torch.where(coverage > 0, total / coverage.clamp_min(1), torch.zeros_like(total))
+        return mean, coverage.round().long()
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Occlusion maps for a batch."""
@@ -110,6 +135,8 @@ class Occlusion(PerturbationMethod):
                     bar.update(m.shape[0])
                 drops.append(base_scores[b, t[b]] - torch.cat(out))
         drop = torch.stack(drops).view(x.shape[0], len(ys), len(xs)).float()
-        extras = dict(drop=drop, starts_y=torch.tensor(ys), starts_x=torch.tensor(xs))
-        return Explanation(maps=max_normalize(drop.clamp_min(0)), method=self.name, params=self.params, target=t,
+        pixel_drop, coverage = self.to_pixels(drop, h, w)
+        extras = dict(drop=drop, grid=max_normalize(drop.clamp_min(0)), pixel_drop=pixel_drop, coverage=coverage,
+                      starts_y=torch.tensor(ys), starts_x=torch.tensor(xs))
+        return Explanation(maps=max_normalize(pixel_drop.clamp_min(0)), method=self.name, params=self.params, target=t,
                            logits=logits.detach(), probs=self.model.probabilities(logits.detach()), extras=extras)
