@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -89,13 +91,19 @@ def test_embedded_configs_are_small_multilabel_classifiers() -> None:
     assert recipe_of("scenes-vit", lr=1e-4).lr == 1e-4
 
 
-def test_scene_arrays_and_batches_agree() -> None:
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """IDX bytes of a uint8 array: magic (0, 0, 0x08 = uint8, ndim), big-endian int32 dims, the data."""
+    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return head + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def _check_scene_arrays_and_batches() -> None:
     from vitlens.train.embedded import batches, recipe_of, scene_arrays
 
-    try:
-        images, labels, items, patches = scene_arrays(4, 0, "test", 64, 8)
-    except Exception as exc:  # the Fashion-MNIST files are a system dataset
-        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    images, labels, items, patches = scene_arrays(4, 0, "test", 64, 8)
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
     for lab, its, pat in zip(labels, items, patches, strict=True):
         assert set(np.flatnonzero(lab)) == {int(c) for c in its if c >= 0}
@@ -104,3 +112,19 @@ def test_scene_arrays_and_batches_agree() -> None:
     x, (y, p) = next(iter(batches(images, labels, patches, r, seed=0)(0)))
     assert x.shape == (4, 3, 64, 64) and y.shape == (4, 10) and p.shape == (4, 64, 10)
     assert sorted(y.sum(1).tolist()) == sorted(labels.sum(1).tolist())
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="system dataset absent: apt-get install dataset-fashion-mnist")
+def test_scene_arrays_and_batches_agree_on_the_system_dataset() -> None:
+    _check_scene_arrays_and_batches()
+
+
+def test_scene_arrays_and_batches_agree_on_the_committed_items(tmp_path: Path, monkeypatch) -> None:
+    """The same checks everywhere: the committed test items written as IDX files stand in for the system dataset."""
+    from vitlens.data import fashion_mnist
+
+    images, labels = fashion_mnist.load_fixture_items()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx(images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx(labels.astype(np.uint8)))
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_ROOT", tmp_path)
+    _check_scene_arrays_and_batches()
