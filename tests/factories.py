@@ -56,6 +56,46 @@ def timm_deit_distilled() -> torch.nn.Module:
                              embed_dim=32, depth=3, num_heads=4, num_classes=5).eval()
 
 
+def timm_eva(**kw) -> torch.nn.Module:
+    """timm Eva (rotary embeddings by default); q/v biases randomised (timm initialises them to 0)."""
+    from timm.models.eva import Eva
+
+    args = dict(img_size=IMG, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=5, use_rot_pos_emb=True)
+    args.update(kw)
+    module = Eva(**args)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_()
+    return module.eval()
+
+
+_VISION = dict(image_size=IMG, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4)
+_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+             max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def hf_clip(kind: str = "vision", **kw) -> torch.nn.Module:
+    """transformers CLIP vision tower: kind 'vision' (CLIPVisionModel), 'projection' (...WithProjection) or
+    'classifier' (CLIPForImageClassification, 5 labels)."""
+    vision = transformers.CLIPVisionConfig(projection_dim=16, **{**_VISION, **kw})
+    if kind == "classifier":
+        cfg = transformers.CLIPConfig(text_config=_TEXT, vision_config=vision.to_dict(), num_labels=5)
+        return transformers.CLIPForImageClassification(cfg).eval()
+    cls = transformers.CLIPVisionModelWithProjection if kind == "projection" else transformers.CLIPVisionModel
+    return cls(vision).eval()
+
+
+def hf_siglip(kind: str = "vision", **kw) -> torch.nn.Module:
+    """transformers SigLIP vision tower: kind 'vision' (SiglipVisionModel with its MAP head) or 'classifier'."""
+    vision = transformers.SiglipVisionConfig(**{**_VISION, **kw})
+    if kind == "classifier":
+        cfg = transformers.SiglipConfig(text_config=_TEXT, vision_config=vision.to_dict(), num_labels=5)
+        return transformers.SiglipForImageClassification(cfg).eval()
+    return transformers.SiglipVisionModel(vision).eval()
+
+
 # name -> (builder, input (H, W), expected num_prefix, expected readout)
 FAMILIES = {
     "hf-vit": (lambda: hf_vit(), (IMG, IMG), 1, "cls"),
@@ -74,6 +114,21 @@ FAMILIES = {
     "timm-vit-nonsquare-p4": (lambda: timm_vit(img_size=(16, 28), patch_size=4), (16, 28), 1, "cls"),
     "timm-deit-distilled": (timm_deit_distilled, (IMG, IMG), 2, "cls+dist"),
 }
+# families added through the generic adapter (models/generic.py): also in FAMILIES, so every shared test covers them
+GENERIC_FAMILIES = {
+    "timm-eva02-rope-avg": (lambda: timm_eva(), (IMG, IMG), 1, "mean"),
+    "timm-eva-rope-attn-registers-token": (
+        lambda: timm_eva(attn_type="rope", num_reg_tokens=2, global_pool="token", qkv_fused=False), (IMG, IMG), 3,
+        "cls"),
+    "timm-eva-abs-nonsquare-p4": (lambda: timm_eva(img_size=(16, 24), patch_size=4, use_rot_pos_emb=False),
+                                  (16, 24), 1, "mean"),
+    "hf-clip-vision": (lambda: hf_clip("vision"), (IMG, IMG), 1, "cls"),
+    "hf-clip-projection": (lambda: hf_clip("projection"), (IMG, IMG), 1, "cls"),
+    "hf-clip-classifier": (lambda: hf_clip("classifier"), (IMG, IMG), 1, "mean"),
+    "hf-siglip-vision": (lambda: hf_siglip("vision"), (IMG, IMG), 0, "mean"),
+    "hf-siglip-classifier": (lambda: hf_siglip("classifier"), (IMG, IMG), 0, "mean"),
+}
+FAMILIES.update(GENERIC_FAMILIES)
 
 
 def build(name: str):

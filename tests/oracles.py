@@ -32,6 +32,40 @@ def forward_inputs(module, x: torch.Tensor, mods: list) -> list[tuple]:
     return inputs
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ weight.T + (bias if bias is not None else 0)
+
+
+def timm_query_key(m, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [B, heads, N, d] of a timm attention module: one fused qkv Linear (its own bias, or Eva's separate
+    q_bias / k_bias parameters), or separate q_proj / k_proj."""
+    b, n, _ = hs.shape
+    heads, d = m.num_heads, m.head_dim
+    if getattr(m, "qkv", None) is not None:
+        bias = m.qkv.bias
+        if bias is None and getattr(m, "q_bias", None) is not None:
+            bias = torch.cat([m.q_bias, m.k_bias, m.v_bias])
+        qkv = _linear(hs, m.qkv.weight, bias).reshape(b, n, 3, heads, d)
+        return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    q = _linear(hs, m.q_proj.weight, m.q_proj.bias).reshape(b, n, heads, d).transpose(1, 2)
+    k = _linear(hs, m.k_proj.weight, m.k_proj.bias).reshape(b, n, heads, d).transpose(1, 2)
+    return q, k
+
+
+def rotate_pairs(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotary embedding by hand: each pair (x[2i], x[2i+1]) of a token's head vector turned by the angle
+    whose sine and cosine the table ``rope`` [N, 2d] = [sin | cos] holds (both repeated for the two members)."""
+    d = x.shape[-1]
+    sin, cos = rope[..., :d], rope[..., d:]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    s, c = sin[..., 0::2], cos[..., 0::2]
+    assert torch.equal(sin[..., 1::2], s) and torch.equal(cos[..., 1::2], c)  # one angle per pair
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = odd * c + even * s
+    return out
+
+
 def recompute_attention(module, x: torch.Tensor) -> list[torch.Tensor]:
     """Run the model once, grab each attention module's input, and rebuild softmax(q k^T / sqrt(d) + bias) by hand."""
     mods = attention_modules(module)
@@ -42,9 +76,13 @@ def recompute_attention(module, x: torch.Tensor) -> list[torch.Tensor]:
         b, n, _ = hs.shape
         if is_timm(module):
             heads, d = m.num_heads, m.head_dim
-            qkv = hs @ m.qkv.weight.T + (m.qkv.bias if m.qkv.bias is not None else 0)
-            qkv = qkv.reshape(b, n, 3, heads, d)
-            q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+            q, k = timm_query_key(m, hs)
+            q, k = m.q_norm(q), m.k_norm(k)  # identities unless the model was built with qk_norm
+            rope = kwargs.get("rope")
+            if rope is not None:
+                p = m.num_prefix_tokens
+                q = torch.cat([q[:, :, :p], rotate_pairs(q[:, :, p:], rope)], 2)
+                k = torch.cat([k[:, :, :p], rotate_pairs(k[:, :, p:], rope)], 2)
             bias = 0.0
         else:
             heads = m.config.num_attention_heads

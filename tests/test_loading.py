@@ -115,7 +115,7 @@ def test_unsupported_hf_family():
     import transformers
 
     cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1])
-    with pytest.raises(VitlensError, match="not supported"):
+    with pytest.raises(VitlensError, match="model type 'convnext'.* not a supported ViT-family model.*wrap_by_names"):
         vitlens.wrap(transformers.ConvNextForImageClassification(cfg))
 
 
@@ -147,3 +147,24 @@ def test_timm_input_size_mismatch_is_one_clear_line_and_dynamic_models_accept_it
         vitlens.Rollout(model).explain(torch.randn(1, 3, 48, 40))
     dynamic = vitlens.wrap(timm_vit(dynamic_img_size=True))
     assert vitlens.Rollout(dynamic).explain(torch.randn(1, 3, 48, 40)).maps.shape == (1, 6, 5)
+
+
+def test_timm_swin_preprocessing_and_labels_are_the_timm_vit_ones():
+    """Regression: TimmSwinModel built its own Preprocess and dropped the interpolation, the labels and the crop
+    guard. Any timm model now goes through timm_preprocess / timm_labels: same pretrained_cfg -> same result."""
+    import timm
+
+    cfg = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear", crop_pct=0.9)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2, embed_dim=8,
+                             depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=1000)
+    vit = timm_vit(num_classes=1000)
+    for extra in (cfg, {**cfg, "crop_pct": None, "interpolation": "random"}):
+        swin.pretrained_cfg = vit.pretrained_cfg = extra
+        got, want = vitlens.wrap(swin), vitlens.wrap(vit)
+        assert got.preprocess == want.preprocess
+    assert vitlens.wrap(swin).preprocess == vitlens.Preprocess((32, 32), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 1.0)
+    swin.pretrained_cfg = vit.pretrained_cfg = cfg
+    assert vitlens.wrap(swin).preprocess.interpolation == "bilinear" and vitlens.wrap(swin).preprocess.crop_pct == 0.9
+    labels = vitlens.wrap(swin).labels
+    assert labels is not None and len(labels) == 1000 and labels == vitlens.wrap(vit).labels
+    assert labels[0].startswith("tench")

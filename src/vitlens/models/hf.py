@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitlens._utils import pair
 from vitlens.errors import VitlensError
 from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from vitlens.layout import TokenLayout
 from vitlens.models.base import AttentionSite, VitModel
+from vitlens.models.registry import register_adapter
 
 HF_FAMILIES = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit")
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -25,11 +27,18 @@ def is_hf_model(module: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(module).mro())
 
 
-def _pair(v: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def is_hf_vit(module: nn.Module) -> bool:
+    """A transformers model of one of ``HF_FAMILIES`` (ViT, DeiT, DINOv2 with or without registers, BEiT)."""
+    return is_hf_model(module) and getattr(module.config, "model_type", None) in HF_FAMILIES
 
 
-def _attention_class(module: nn.Module) -> type | None:
+def vision_config(config):
+    """The vision part of a config: ``config.vision_config`` for two-tower configs (CLIP, SigLIP), else itself."""
+    return getattr(config, "vision_config", None) or config
+
+
+def attention_class(module: nn.Module) -> type | None:
+    """The attention class a transformers model declares in ``_can_record_outputs['attentions']``."""
     spec = getattr(type(module), "_can_record_outputs", None) or {}
     target = spec.get("attentions")
     if isinstance(target, type):
@@ -39,7 +48,7 @@ def _attention_class(module: nn.Module) -> type | None:
 
 def hf_preprocess(config, folder: str | Path | None = None) -> Preprocess:
     """Preprocessing from a folder's preprocessor_config.json, else ImageNet mean/std at the config's image size."""
-    size = _pair(getattr(config, "image_size", 224))
+    size = pair(getattr(vision_config(config), "image_size", 224))
     mean, std, crop_pct, interp = IMAGENET_MEAN, IMAGENET_STD, 1.0, "bicubic"
     path = Path(folder) / "preprocessor_config.json" if folder is not None else None
     if path is not None and path.is_file():
@@ -95,7 +104,7 @@ class HFVitModel(VitModel):
                 f"transformers model type {cfg.model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
             )
         self.config = cfg
-        self._attn_cls = _attention_class(module)
+        self._attn_cls = attention_class(module)
         name = type(module).__name__
         has_head = name.endswith("ForImageClassification") or name.endswith("ForImageClassificationWithTeacher")
         super().__init__(
@@ -104,7 +113,7 @@ class HFVitModel(VitModel):
             num_classes=cfg.num_labels if has_head else None,
             labels=hf_labels(cfg) if has_head else None,
             multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
-            patch_size=_pair(cfg.patch_size),
+            patch_size=pair(cfg.patch_size),
         )
         self.family = f"hf-{cfg.model_type}"
         self._readout = self._find_readout(name)
@@ -139,7 +148,7 @@ class HFVitModel(VitModel):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {}
-        if self._accepts_interp and tuple(x.shape[-2:]) != _pair(self.config.image_size):
+        if self._accepts_interp and tuple(x.shape[-2:]) != pair(self.config.image_size):
             kwargs["interpolate_pos_encoding"] = True
         out = self.module(pixel_values=x, **kwargs)
         if self.has_head:
@@ -239,3 +248,11 @@ def load_hf(name_or_path: str, image_size: int | None = None) -> VitModel:
     model = wrap(module.eval())
     model.preprocess = pre
     return model
+
+
+register_adapter(
+    "hf-vit",
+    is_hf_vit,
+    HFVitModel,
+    "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; head or backbone",
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
@@ -9,33 +10,23 @@ from torch import nn
 from vitlens.errors import VitlensError
 from vitlens.models import zoo
 from vitlens.models.base import VitModel
+from vitlens.models.registry import FamiliesView, find_adapter
 
 SPEC_HELP = "an nn.Module, 'hf:ORG/NAME', a local HF folder, 'timm:NAME' (with optional weights=FILE) or 'vitlens:NAME'"
 
-FAMILIES = {
-    "hf": "transformers ViT, DeiT (CLS + distillation), DINOv2 (with or without registers), BEiT; head or backbone",
-    "timm": "timm VisionTransformer: ViT, DeiT, distilled DeiT, register tokens, any patch size, non-square grids",
-    "swin": "Swin Transformer: transformers Swin / Swinv2 (ForImageClassification or Model), timm SwinTransformer(V2)",
-}
+FAMILIES: Mapping[str, str] = FamiliesView()  # {adapter name: description}, read live from the registry
 
 
 def wrap(module: nn.Module) -> VitModel:
-    """Wrap an already built timm or transformers module."""
-    from vitlens.models.hf import HFVitModel, is_hf_model
-    from vitlens.models.swin import HFSwinModel, TimmSwinModel, is_hf_swin, is_timm_swin
-    from vitlens.models.timm_adapter import TimmVitModel, is_timm_vit
-
-    if is_timm_vit(module):
-        return TimmVitModel(module.eval())
-    if is_timm_swin(module):
-        return TimmSwinModel(module.eval())
-    if is_hf_swin(module):
-        return HFSwinModel(module.eval())
-    if is_hf_model(module):
-        return HFVitModel(module.eval())
+    """Wrap an already built model with the first registered adapter that recognises it (see `registry`)."""
+    spec = find_adapter(module)
+    if spec is not None:
+        return spec.build(module.eval())
+    kind = getattr(getattr(module, "config", None), "model_type", None)
+    what = f"{type(module).__name__} (transformers model type {kind!r})" if kind else type(module).__name__
     raise VitlensError(
-        f"{type(module).__name__} is not a supported ViT-family model (no attention blocks vitlens knows); "
-        f"supported: {'; '.join(FAMILIES.values())}"
+        f"{what} is not a supported ViT-family model (adapters: {', '.join(FAMILIES)}); name its attention "
+        "modules with vitlens.models.wrap_by_names(module, attention='blocks.*.attn', kind='timm' or 'hf')"
     )
 
 

@@ -15,10 +15,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vitlens._utils import pair
 from vitlens.errors import VitlensError
-from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from vitlens.images import Preprocess
 from vitlens.layout import StagePlan, TokenLayout
 from vitlens.models.base import AttentionSite, VitModel
+from vitlens.models.registry import register_adapter
 
 
 def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
@@ -72,10 +74,6 @@ def merge_matrix(grid: tuple[int, int]) -> torch.Tensor:
     m = torch.zeros(h2 * w2, h * w)
     m[child, torch.arange(h * w)] = 1.0
     return m / m.sum(1, keepdim=True)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _remove_then(handles: list, undo_more: Callable[[], None]) -> Callable[[], None]:
@@ -146,7 +144,7 @@ class HFSwinModel(_SwinBase):
             module, preprocess or hf_preprocess(cfg), num_classes=cfg.num_labels if has_head else None,
             labels=hf_labels(cfg) if has_head else None,
             multi_label=getattr(cfg, "problem_type", None) == "multi_label_classification",
-            patch_size=_pair(cfg.patch_size),
+            patch_size=pair(cfg.patch_size),
         )
 
     def _stage_of_blocks(self) -> list[int]:
@@ -200,12 +198,11 @@ class TimmSwinModel(_SwinBase):
         self._blocks = [blk for stage in module.layers for blk in stage.blocks]
         self._stages = [s for s, stage in enumerate(module.layers) for _ in stage.blocks]
         self._grid_of: dict[int, tuple[int, int]] = {}
-        cfg = getattr(module, "pretrained_cfg", None) or {}
-        size = _pair(module.patch_embed.img_size)
-        pre = preprocess or Preprocess(size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                                       std=tuple(cfg.get("std", IMAGENET_STD)), crop_pct=float(cfg.get("crop_pct", 1)))
+        from vitlens.models.timm_adapter import timm_labels, timm_preprocess
+
         num_classes = int(getattr(module, "num_classes", 0) or 0)
-        super().__init__(module, pre, num_classes=num_classes or None, patch_size=_pair(module.patch_embed.patch_size))
+        super().__init__(module, preprocess or timm_preprocess(module), num_classes=num_classes or None,
+                         labels=timm_labels(module), patch_size=pair(module.patch_embed.patch_size))
 
     def _stage_of_blocks(self) -> list[int]:
         return self._stages
@@ -215,8 +212,8 @@ class TimmSwinModel(_SwinBase):
 
     def _extractor(self, i: int, blk: nn.Module) -> Callable:
         def extract(module, args, kwargs, output):
-            return self._globalize(output, self._stages[i], self._grid_of[i], _pair(blk.window_size),
-                                   _pair(blk.shift_size))
+            return self._globalize(output, self._stages[i], self._grid_of[i], pair(blk.window_size),
+                                   pair(blk.shift_size, minimum=0))
 
         return extract
 
@@ -250,3 +247,11 @@ def is_timm_swin(module: nn.Module) -> bool:
     """timm SwinTransformer or SwinTransformerV2."""
     names = ("SwinTransformer", "SwinTransformerV2")
     return any(c.__module__.startswith("timm.") and c.__name__ in names for c in type(module).mro())
+
+
+register_adapter(
+    "timm-swin", is_timm_swin, TimmSwinModel, "timm SwinTransformer and SwinTransformerV2 (window attention, stages)"
+)
+register_adapter(
+    "hf-swin", is_hf_swin, HFSwinModel, "transformers Swin / Swinv2 (ForImageClassification or Model)"
+)

@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitlens._utils import pair
 from vitlens.errors import VitlensError
 from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from vitlens.layout import TokenLayout
 from vitlens.models.base import AttentionSite, VitModel
+from vitlens.models.registry import register_adapter
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 
 
 def is_timm_vit(module: nn.Module) -> bool:
@@ -19,25 +23,26 @@ def is_timm_vit(module: nn.Module) -> bool:
     return any(c.__module__.startswith("timm.") and c.__name__ == "VisionTransformer" for c in type(module).mro())
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def timm_preprocess(module: nn.Module) -> Preprocess:
-    """Preprocessing from the model's pretrained_cfg, with ImageNet defaults."""
+    """Preprocessing of any timm model from its pretrained_cfg (mean, std, crop_pct, interpolation), with ImageNet
+    defaults, at the built model's input size (pretrained_cfg keeps the hub default size)."""
     cfg = getattr(module, "pretrained_cfg", None) or {}
-    size = _pair(module.patch_embed.img_size)  # the built model's size; pretrained_cfg keeps the hub default
-    interp = cfg.get("interpolation", "bicubic")
+    img_size = getattr(module.patch_embed, "img_size", None)
+    size = pair(img_size) if img_size is not None else pair(cfg.get("input_size", (3, 224, 224))[1:])
+    interp = cfg.get("interpolation") or "bicubic"
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
     return Preprocess(
-        size=(int(size[0]), int(size[1])),
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-        crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0),
-        interpolation=interp if interp in ("bilinear", "bicubic", "nearest", "lanczos") else "bicubic",
+        size=size,
+        mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
+        std=tuple(cfg.get("std") or IMAGENET_STD),
+        crop_pct=crop_pct if 0 < crop_pct <= 1 else 1.0,
+        interpolation=interp if interp in INTERPOLATIONS else "bicubic",
     )
 
 
-def _imagenet_labels(num_classes: int) -> list[str] | None:
+def timm_labels(module: nn.Module) -> list[str] | None:
+    """ImageNet-1k class names for a 1000-class timm head (None for other heads or when timm cannot say)."""
+    num_classes = int(getattr(module, "num_classes", 0) or 0)
     if num_classes != 1000:
         return None
     try:
@@ -73,8 +78,8 @@ class TimmVitModel(VitModel):
             module,
             preprocess or timm_preprocess(module),
             num_classes=num_classes or None,
-            labels=_imagenet_labels(num_classes),
-            patch_size=_pair(module.patch_embed.patch_size),
+            labels=timm_labels(module),
+            patch_size=pair(module.patch_embed.patch_size),
         )
 
     def _attention_sites(self) -> list[AttentionSite]:
@@ -117,7 +122,7 @@ def unfuse(attns: list[nn.Module]) -> Callable[[], None]:
 def check_input_size(module: nn.Module, x: torch.Tensor) -> None:
     """One clear line when a fixed-size timm model gets another input size (timm would fail an assert)."""
     pe = module.patch_embed
-    size = _pair(pe.img_size) if getattr(pe, "img_size", None) is not None else None
+    size = pair(pe.img_size) if getattr(pe, "img_size", None) is not None else None
     dynamic = getattr(module, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
     if size is not None and not dynamic and tuple(x.shape[-2:]) != size:
         raise VitlensError(
@@ -179,3 +184,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     return sd
+
+
+register_adapter(
+    "timm-vit",
+    is_timm_vit,
+    TimmVitModel,
+    "timm VisionTransformer: ViT, DeiT, distilled DeiT, register tokens, any patch size, non-square grids",
+)
