@@ -133,17 +133,77 @@ def test_swin_batch_equals_one_by_one(method, name):
     torch.testing.assert_close(whole.maps, torch.cat([p.maps for p in parts]), atol=1e-5, rtol=1e-4)
 
 
-def test_swin_grads_flow_back_through_windows():
-    """d logit / d global attention equals the window gradient put back in place (checked on one entry by hand)."""
-    module, x = _build("hf-w4")
+# A 12 px image with 2 px patches: a 6x6 token grid (token (r, c) has index 6 r + c), window 4, and the second block
+# shifted by 2. Both libraries work on an 8x8 grid (two rows and columns of padding) cut into 2x2 windows of 4x4,
+# numbered row-major; a token's place inside its window is 4 * (row % 4) + col % 4 of its position on that grid.
+#   HF pads first, then rolls by -2: token row r sits on row (r - 2) % 8, so rows 2..5 -> 0..3 (window row 0) and
+#     rows 0, 1 -> 6, 7 (window row 1, where the padding rows sit on 4, 5).
+#   timm rolls the 6x6 grid first, then pads: row r sits on row (r - 2) % 6, so rows 2..5 -> 0..3 and rows 0, 1 ->
+#     4, 5 (window row 1, padding on 6, 7).
+# Columns alike. (query token, key token) -> (window, query place, key place), worked out from those rules:
+HAND_ENTRIES = {
+    "hf": [((0, 0), (1, 1), (3, 10, 15)),  # (0, 0) on (6, 6), (1, 1) on (7, 7): window (1, 1) = 3
+           ((0, 1), (1, 0), (3, 11, 14)),
+           ((2, 2), (5, 5), (0, 0, 15)),  # (2, 2) on (0, 0), (5, 5) on (3, 3): window 0, unmasked
+           ((0, 3), (1, 5), (2, 9, 15))],  # (0, 3) on (6, 1), (1, 5) on (7, 3): window (1, 0) = 2
+    "timm": [((0, 0), (1, 1), (3, 0, 5)),  # (0, 0) on (4, 4), (1, 1) on (5, 5): window 3
+             ((0, 1), (1, 0), (3, 1, 4)),
+             ((2, 2), (5, 5), (0, 0, 15)),
+             ((0, 3), (1, 5), (2, 1, 7))],  # (0, 3) on (4, 1), (1, 5) on (5, 3): window 2
+}
+
+
+def _tiny_shifted(kind):
+    torch.manual_seed(0)
+    if kind == "hf":
+        module = hf_swin(12, 4, depths=(2,), heads=(2,))  # one stage: HF cannot run a 3x3 second stage
+        layer = swin_blocks(module)[1]
+        assert (int(layer.window_size), int(layer.shift_size)) == (4, 2)
+        return module, layer, lambda out: out[1]
+    module = timm_swin(12, 4, depths=(2, 2), heads=(2, 2))
+    blk = swin_blocks(module)[1]
+    assert (blk.window_size[0], blk.shift_size[0]) == (4, 2)
+    return module, blk.attn.attn_drop, lambda out: out
+
+
+@pytest.mark.parametrize("kind", ["hf", "timm"])
+def test_shifted_padded_window_entries_by_hand(kind):
+    """Entries of block 1's global attention and of its gradient equal the window entries named in HAND_ENTRIES,
+    grabbed from the model by an own hook; tokens of the wrapped-around corner attend only to each other."""
+    module, site, raw_of = _tiny_shifted(kind)
     model = vitlens.wrap(module)
-    with model.record(grads=True) as rec:
-        logits = model(x)
-        grads = rec.grads(logits[:, 1])
-    assert all(g is not None and g.shape == p.shape for g, p in zip(grads, rec.probs))
+    x = torch.randn(2, 3, 12, 12)
+    grabbed = {}
+    handle = site.register_forward_hook(lambda m, a, out: grabbed.__setitem__("raw", raw_of(out)))
+    try:
+        with model.record(grads=True) as rec:
+            logits = model(x)
+            grads = rec.grads(logits[:, 1], retain_graph=True)
+            raw = grabbed["raw"]
+            (raw_grad,) = torch.autograd.grad(logits[:, 1].sum(), raw)
+    finally:
+        handle.remove()
+    assert raw.shape == (2 * 4, 2, 16, 16)  # batch-major: window w of image b is b * 4 + w
+    probs, grad, raw = rec.probs[1].detach(), grads[1], raw.detach()
+    assert probs.shape == grad.shape == (2, 2, 36, 36)
+    for (qr, qc), (kr, kc), (w, i, j) in HAND_ENTRIES[kind]:
+        q, k = 6 * qr + qc, 6 * kr + kc
+        for b in range(2):
+            torch.testing.assert_close(probs[b, :, q, k], raw[b * 4 + w, :, i, j], atol=0, rtol=0)
+            torch.testing.assert_close(grad[b, :, q, k], raw_grad[b * 4 + w, :, i, j], atol=0, rtol=0)
+        assert float(probs[:, :, q, k].min()) > 0
+    # (0, 0)'s window also holds padding and tokens of other shift regions, all masked: its row lives on the four
+    # corner tokens (0, 0), (0, 1), (1, 0), (1, 1) = indices 0, 1, 6, 7 and sums to 1 there
+    corner = [0, 1, 6, 7]
+    row = probs[:, :, 0]
+    torch.testing.assert_close(row[..., corner].sum(-1), torch.ones(2, 2))
+    assert float(row[..., [t for t in range(36) if t not in corner]].abs().max()) < 1e-6
+    # (2, 2) sits in the unmasked window 0 with the 16 tokens of rows and columns 2..5: all of its row's mass there
+    inner = [6 * r + c for r in range(2, 6) for c in range(2, 6)]
+    torch.testing.assert_close(probs[:, :, 14, inner].sum(-1), torch.ones(2, 2))
+    # gradients flow back only inside windows: exactly 0 between tokens of different windows, not 0 everywhere
     win = rec.meta[1]["window_id"].reshape(-1)
-    assert (grads[1][..., win[:, None] != win[None, :]] == 0).all()
-    assert grads[1].abs().sum() > 0
+    assert (grad[..., win[:, None] != win[None, :]] == 0).all() and float(grad.abs().sum()) > 0
 
 
 def test_swin_attention_maps_on_first_grid_and_backbone():
@@ -156,7 +216,7 @@ def test_swin_attention_maps_on_first_grid_and_backbone():
 
 
 def test_swin_patch_view_rows_and_per_window():
-    from vitlens.swin_view import swin_patch_view
+    from vitlens.viz.swin_view import swin_patch_view
 
     module, x = _build("hf-w4-padded")
     model = vitlens.wrap(module)
