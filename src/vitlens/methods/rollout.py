@@ -9,10 +9,17 @@ import torch
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.layout import StagePlan, TokenLayout
-from vitlens.methods.base import Images, Method, Target, check_choice, check_range
+from vitlens.methods.base import Images, Method, Option, Target, register
 from vitlens.models.base import VitModel
 
 HEAD_FUSIONS = ("mean", "max", "min")
+
+DISCARD = Option("discard_ratio", float, 0.0, "Fraction of the lowest attention weights zeroed per block.",
+                 lo=0.0, hi=1.0, hi_open=True)
+START = Option("start_layer", int, 0, "First block (0-based) rolled out; earlier blocks count as identity.", lo=0)
+RESIDUAL = Option("residual_weight", float, 0.5, "Weight w of the identity in (1-w)A + wI.", lo=0.0, hi=1.0)
+NORMALIZE = Option("normalize", bool, True, "Divide each row of (1-w)A + wI by its sum.")
+PER_LAYER = Option("per_layer", bool, False, "Also return the rollout after every block.", cli=False)
 
 
 def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
@@ -101,6 +108,7 @@ class RolloutAccumulator:
         return readout(self.result, self.plan.layouts[self.stage], self.plan.layouts[0])
 
 
+@register
 class Rollout(Method):
     """Attention rollout.
 
@@ -114,25 +122,48 @@ class Rollout(Method):
     """
 
     name = "rollout"
+    description = "products of the per-block attention (heads fused, residual added) read out from the pooled token"
+    options = (
+        Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS),
+        DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER,
+    )
 
     def __init__(self, model: VitModel, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
                  residual_weight: float = 0.5, normalize: bool = True, per_layer: bool = False) -> None:
         super().__init__(model)
-        self.head_fusion = check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
-        self.discard_ratio = check_range("discard_ratio", discard_ratio, 0.0, 1.0, hi_open=True)
-        self.residual_weight = check_range("residual_weight", residual_weight, 0.0, 1.0)
+        self.set_options(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer,
+                         residual_weight=residual_weight, normalize=normalize, per_layer=per_layer)
+        self.check_start_layer()
+
+    def check_start_layer(self) -> None:
+        """``start_layer`` must name a block of this model."""
         n = self.model.num_blocks
-        if not 0 <= start_layer < n:
-            raise VitlensError(f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {start_layer}")
-        self.start_layer = int(start_layer)
-        self.normalize = bool(normalize)
-        self.per_layer = bool(per_layer)
+        if self.start_layer >= n:
+            raise VitlensError(
+                f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {self.start_layer}")
 
     @property
     def params(self) -> dict:
-        """The options, for the Explanation."""
-        return dict(head_fusion=self.head_fusion, discard_ratio=self.discard_ratio, start_layer=self.start_layer,
-                    residual_weight=self.residual_weight, normalize=self.normalize)
+        """The options, for the Explanation (``per_layer`` shapes the output, it is not a parameter of the map)."""
+        p = super().params
+        p.pop("per_layer", None)
+        return p
+
+    @classmethod
+    def title(cls, params: dict, target_text: str | None = None) -> str:
+        """'rollout; max fusion, discard 0.9, ...' (or 'grad rollout for ...')."""
+        opts = []
+        if "head_fusion" in params:
+            opts.append(f"{params['head_fusion']} fusion")
+        opts.append(f"discard {params.get('discard_ratio', 0.0):g}")
+        if params.get("start_layer"):
+            opts.append(f"from block {params['start_layer']}")
+        if params.get("residual_weight", 0.5) != 0.5:
+            opts.append(f"residual {params['residual_weight']:g}")
+        if params.get("normalize") is False:
+            opts.append("rows not normalised")
+        what = cls.name.replace("_", " ") + (f" for {target_text}" if target_text else "")
+        return f"{what}; {', '.join(opts)}"
 
     def accumulator(self, plan: StagePlan) -> RolloutAccumulator:
         """A fresh accumulator with this method's options."""
