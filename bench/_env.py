@@ -1,29 +1,27 @@
 """Benchmark set-up, imported first by every bench script (not part of the library).
 
-The PyPI torchvision wheel here is CUDA-linked and cannot load its ops against the CPU torch, which breaks
-`import timm` and `import transformers`. Declaring the two op schemas first lets their pure-Python model code import
-(the same workaround as tests/conftest.py). Also pins the thread count so that runs are comparable.
+Benchmarks run in the test environment (.venv-test, `make bench`), whose timm brings the CUDA-linked PyPI
+torchvision that cannot load its ops against the CPU torch; the test set-up's workaround (tests/conftest.py, loaded
+here by path so that it exists in one place) makes timm and transformers importable. Also pins the thread count so
+that runs are comparable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+from pathlib import Path
 
 import torch
 
 THREADS = 2  # the machine's cores (shared with other users: numbers are noisy, so scripts report ratios)
 
-try:
-    import torchvision  # noqa: F401
-except Exception:
-    import sys
-
-    for _name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[_name]
-    _lib = torch.library.Library("torchvision", "DEF")
-    _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+_SETUP = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
+_spec = importlib.util.spec_from_file_location("_vitlens_test_setup", _SETUP)
+assert _spec is not None and _spec.loader is not None, _SETUP
+_test_setup = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_test_setup)  # declares torchvision's op schemas when its compiled ops do not load
 
 torch.set_num_threads(THREADS)
 

@@ -1,18 +1,30 @@
-"""Test set-up. The PyPI torchvision wheel here is CUDA-linked and cannot load its ops against the CPU torch, which
-breaks `import timm` and `import transformers`. Declaring the two op schemas first lets their pure-Python model code
-import. This workaround lives in the test set-up only, never in the library."""
+"""Test set-up. The tests run in their own environment, .venv-test (`make test`), never in the user's .venv.
+
+timm needs torchvision, and the PyPI torchvision wheel here is CUDA-linked: it cannot load its ops against the CPU
+torch, which breaks `import timm` and (since transformers imports torchvision whenever it is installed) transformers'
+model classes. Declaring the two op schemas first lets their pure-Python model code import. This workaround lives in
+the test set-up only (bench/_env.py loads this file for the benchmarks), never in the library or the user environment.
+"""
 
 import torch
 
-try:
-    import torchvision  # noqa: F401
-except Exception:
-    import sys
 
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    _lib = torch.library.Library("torchvision", "DEF")
-    _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+def declare_torchvision_ops() -> None:
+    """Make torchvision importable when its compiled ops do not load: forget the half-imported modules and declare
+    the `nms`/`qnms` schemas its Python code registers fake kernels for. Does nothing when torchvision loads."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        import sys
 
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        _keep.append(lib)  # the schemas live as long as their Library object
+
+
+_keep: list[torch.library.Library] = []
+declare_torchvision_ops()
 torch.manual_seed(0)
