@@ -151,5 +151,5 @@ def test_figures_from_threads(view, tmp_path):
 def test_write_index_escapes_and_links(tmp_path):
     page = write_index(tmp_path / "index.html", "demo <1>", [("cat & dog", "a b.png")], note="random <weights>")
     text = page.read_text()
-    assert "demo &lt;1&gt;" in text and "cat &amp; dog" in text and 'src="a b.png"' in text
+    assert "demo &lt;1&gt;" in text and "cat &amp; dog" in text and 'src="a%20b.png"' in text
     assert "random &lt;weights&gt;" in text

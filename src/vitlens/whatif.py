@@ -33,6 +33,8 @@ from vitlens.models.base import label_of, top_labels
 
 KINDS = ("move", "scale", "split")
 FILLS = ("blur", "mean", "inpaint")
+MAX_SCALE = 100.0  # a scale factor is in (0, MAX_SCALE]; the scaled region must also stay under the pixel limit
+MAX_EDITS_BYTES = 1_000_000  # an edits file is a short list; anything bigger is refused before parsing
 SYNTAX = "move:X0,Y0,X1,Y1:TO_X,TO_Y, scale:X0,Y0,X1,Y1:FACTOR or split:X0,Y0,X1,Y1[:GAP]"
 
 
@@ -54,8 +56,9 @@ class Edit:
             raise VitlensError(f"edit box {self.box} is empty: need X0 < X1 and Y0 < Y1")
         if self.kind == "move" and (self.to is None or len(self.to) != 2):
             raise VitlensError("a move edit needs a destination TO_X,TO_Y")
-        if self.kind == "scale" and (self.factor is None or not np.isfinite(self.factor) or self.factor <= 0):
-            raise VitlensError(f"scale factor must be a positive number, got {self.factor}")
+        if self.kind == "scale" and (self.factor is None or not np.isfinite(self.factor) or self.factor <= 0
+                                     or self.factor > MAX_SCALE):
+            raise VitlensError(f"scale factor must be a positive number up to {MAX_SCALE:g}, got {self.factor}")
         if self.kind == "split" and self.gap is not None and self.gap < 0:
             raise VitlensError(f"split gap must be a non-negative number of pixels, got {self.gap}")
 
@@ -110,28 +113,33 @@ def edit_from_json(obj) -> Edit:
     if isinstance(obj, str):
         return parse_edit(obj)
     if not isinstance(obj, dict) or "kind" not in obj or "box" not in obj:
-        raise VitlensError(f"each edit must be a string ({SYNTAX}) or an object with kind and box; got {obj!r}")
+        raise VitlensError(f"each edit must be a string ({SYNTAX}) or an object with kind and box; got {_short(obj)}")
     try:
         box = tuple(int(v) for v in obj["box"])
         to = tuple(int(v) for v in obj["to"]) if obj.get("to") is not None else None
         factor = float(obj["factor"]) if obj.get("factor") is not None else None
         gap = int(obj["gap"]) if obj.get("gap") is not None else None
-    except (TypeError, ValueError):
-        raise VitlensError(f"malformed numbers in edit {obj!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise VitlensError(f"malformed numbers in edit {_short(obj)}: box, to and gap are whole numbers of pixels, "
+                           "factor a number") from None
     if len(box) != 4:
-        raise VitlensError(f"edit box must be [X0, Y0, X1, Y1], got {obj['box']!r}")
+        raise VitlensError(f"edit box must be [X0, Y0, X1, Y1], got {_short(obj['box'])}")
     return Edit(str(obj["kind"]).lower(), box, to=to, factor=factor, gap=gap)  # type: ignore[arg-type]
 
 
 def load_edits(path: str | Path) -> list[Edit]:
     """Edits from a JSON file: a list of edits (strings or objects), or {"edits": [...]}."""
-    p = Path(path)
-    if not p.is_file():
-        raise VitlensError(f"edits file not found: {p}")
+    from vitlens.images import check_regular_file
+
+    p = check_regular_file(path, "edits file")
+    if p.stat().st_size > MAX_EDITS_BYTES:
+        raise VitlensError(f"edits file {p} is larger than {MAX_EDITS_BYTES} bytes; an edits file is a short list")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VitlensError(f"edits file {p} is not valid JSON ({e})") from None
+        raise VitlensError(f"edits file {p} is not valid JSON ({_one_line(str(e))})") from None
+    except RecursionError:
+        raise VitlensError(f"edits file {p} is nested too deeply; give a flat list of edits") from None
     if isinstance(data, dict):
         data = data.get("edits")
     if not isinstance(data, list) or not data:
@@ -139,18 +147,35 @@ def load_edits(path: str | Path) -> list[Edit]:
     return [edit_from_json(e) for e in data]
 
 
+def _short(obj, limit: int = 80) -> str:
+    text = _one_line(repr(obj))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def check_edit(edit: Edit, size: tuple[int, int]) -> Edit:
-    """Raise a clear error unless the box (and a move's destination) lies inside an image of (width, height)."""
+    """Raise a clear error unless the box (and a move's destination) lies inside an image of (width, height) and a
+    scaled region stays under the pixel limit (`vitlens.images.max_pixels`)."""
+    from vitlens.images import MAX_PIXELS_ENV, max_pixels
+
     w, h = size
     x0, y0, x1, y1 = edit.box
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-        raise VitlensError(f"edit {edit}: box ({x0},{y0})-({x1},{y1}) is outside the {w}x{h} image")
+        raise VitlensError(_short(f"edit {edit}", 120) + f": box ({_short(x0, 24)},{_short(y0, 24)})-"
+                           f"({_short(x1, 24)},{_short(y1, 24)}) is outside the {w}x{h} image")
+    if edit.kind == "scale":
+        bw, bh = edit.size
+        if round(bw * edit.factor) * round(bh * edit.factor) > max_pixels():
+            raise VitlensError(f"edit {edit}: the scaled region would exceed {max_pixels()} pixels ({MAX_PIXELS_ENV});"
+                               " use a smaller factor or box")
     if edit.kind == "move":
         bw, bh = edit.size
         tx, ty = edit.to
         if tx < 0 or ty < 0 or tx + bw > w or ty + bh > h:
-            raise VitlensError(f"edit {edit}: the moved region ({tx},{ty})-({tx + bw},{ty + bh}) falls outside the "
-                               f"{w}x{h} image")
+            raise VitlensError(_short(f"edit {edit}", 120) + f": the moved region falls outside the {w}x{h} image")
     return edit
 
 
@@ -222,6 +247,19 @@ def apply_edit(image: Image.Image, edit: Edit, fill: str = "blur") -> Image.Imag
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
 
 
+def markdown_cell(text: str) -> str:
+    """``text`` as one Markdown table cell that renders as the same literal text: HTML escaped (&, <, >),
+    the Markdown characters that break a cell or start markup (\\ | ` * _ [ ] ~) backslash-escaped, line breaks
+    turned into spaces."""
+    import html
+
+    flat = " ".join(str(text).split())
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in html.escape(flat, quote=False))
+
+
+_MD_SPECIAL = set("\\`*_[]|~")
+
+
 # ---- the table ------------------------------------------------------------------------------------------------------
 @dataclass
 class WhatIfRow:
@@ -268,10 +306,10 @@ class WhatIfResult:
 
         k = max(len(r.top) for r in self.rows)
         head = ["image", "edit"] + [f"top-{i}" for i in range(1, k + 1)] + [f"p({self.reference})"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = ["| " + " | ".join(markdown_cell(c) for c in head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [r.name, f"`{r.edit}`" if r.edit else "-"]
-            cells += [f"{lbl} ({percent(p)})" for lbl, p in r.top]
+            cells = [markdown_cell(r.name), f"`{r.edit}`" if r.edit else "-"]  # an Edit prints digits , : only
+            cells += [f"{markdown_cell(lbl)} ({percent(p)})" for lbl, p in r.top]
             cells += [""] * (k - len(r.top)) + [percent(float(r.probs[self.reference_index]))]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
@@ -305,6 +343,9 @@ def whatif(model, image: Image.Image, edits: Sequence[Edit | str], top_k: int = 
             x, _ = model.preprocess(images[s : s + batch_size])
             probs.append(model.probabilities(model(x.to(model.device))).float().cpu())
     p = torch.cat(probs)
+    if not bool(torch.isfinite(p).all()):
+        raise VitlensError("the model gave NaN or infinite probabilities; nothing was written: check the model's "
+                           "weights and preprocessing (e.g. image_std 0)")
     k = min(top_k, p.shape[1])
     ref = int(p[0].argmax())
     result = WhatIfResult(reference=label_of(model, ref), reference_index=ref)

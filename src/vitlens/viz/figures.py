@@ -203,11 +203,15 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
 
 
 def write_index(path: str | Path, title: str, entries: Sequence[tuple[str, str | Path]], note: str = "") -> Path:
-    """A small HTML page showing images: ``entries`` are (caption, image path relative to the page's folder)."""
+    """A small HTML page showing images: ``entries`` are (caption, image path relative to the page's folder).
+    Captions, title and note are HTML-escaped; image paths are URL-encoded (``#``, ``%``, ``?``, spaces...) per
+    path segment, then escaped, so any file name links to itself."""
+    from urllib.parse import quote
+
     path = Path(path)
     items = "\n".join(
-        f'<figure><figcaption>{html.escape(cap)}</figcaption><img src="{html.escape(str(src))}" '
-        f'alt="{html.escape(cap)}"></figure>'
+        f'<figure><figcaption>{html.escape(cap)}</figcaption>'
+        f'<img src="{html.escape(quote(Path(src).as_posix(), safe="/"))}" alt="{html.escape(cap)}"></figure>'
         for cap, src in entries
     )
     note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
