@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -204,8 +205,8 @@ class Preprocess:
 
     def with_size(self, size: int | tuple[int, int]) -> Preprocess:
         """The same preprocessing at another square (int) or (height, width) size."""
-        hw = size if isinstance(size, tuple) else (size, size)
-        return Preprocess(hw, self.mean, self.std, self.crop_pct, self.interpolation)
+        hw = (size, size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
+        return Preprocess(cast("tuple[int, int]", hw), self.mean, self.std, self.crop_pct, self.interpolation)
 
     def view(self, img: Image.Image) -> Image.Image:
         """The RGB picture the model sees (after resize and crop), for overlays."""

@@ -132,5 +132,5 @@ def load_fashion_mnist(split: str = "test", root: str | Path | None = None) -> t
 
 def load_fixture_items() -> tuple[np.ndarray, np.ndarray]:
     """Load the committed Fashion-MNIST test subset (50 items per class) as (images uint8 [500,28,28], labels int64)."""
-    with resources.files("vitlens.data").joinpath("fixtures", FIXTURE_FILE).open("rb") as fh, np.load(fh) as npz:
+    with (resources.files("vitlens.data") / "fixtures" / FIXTURE_FILE).open("rb") as fh, np.load(fh) as npz:
         return npz["images"].astype(np.uint8), npz["labels"].astype(np.int64)

@@ -114,7 +114,7 @@ class Scene:
 @functools.lru_cache(maxsize=1)
 def load_background_photos() -> np.ndarray:
     """The committed background photos (crops of scikit-image's sample images) as uint8 [P, S, S, 3], read-only."""
-    with resources.files("vitlens.data").joinpath("fixtures", PHOTOS_FILE).open("rb") as fh, np.load(fh) as npz:
+    with (resources.files("vitlens.data") / "fixtures" / PHOTOS_FILE).open("rb") as fh, np.load(fh) as npz:
         photos = npz["photos"].astype(np.uint8)
     photos.flags.writeable = False
     return photos
@@ -416,7 +416,8 @@ def demo_scenes(
         if kind == "plain":
             background = np.broadcast_to(np.asarray(spec, dtype=np.uint8), (size, size, 3)).copy()
         else:
-            background = _resize(np.asarray(photos[int(spec)], dtype=np.uint8), size, size)
+            assert isinstance(spec, int), spec  # a photo background is named by its index
+            background = _resize(np.asarray(photos[spec], dtype=np.uint8), size, size)
         alphas, boxes = [], []
         for cls, x0 in zip(pair, lefts, strict=True):
             rank = used.get(cls, 0)
@@ -463,7 +464,7 @@ def write_demo_scenes(folder: str | Path, scenes: list[DemoScene] | None = None)
 
 def load_demo_scenes(folder: str | Path | None = None) -> list[DemoScene]:
     """Read the demo scenes shipped under vitlens/assets/scenes (or from `folder`, as written by write_demo_scenes)."""
-    base = Path(folder) if folder is not None else resources.files("vitlens").joinpath("assets", "scenes")
+    base = Path(folder) if folder is not None else resources.files("vitlens") / "assets" / "scenes"
     try:
         index = json.loads(base.joinpath("scenes.json").read_text())
     except (OSError, ValueError) as exc:
@@ -479,6 +480,6 @@ def load_demo_scenes(folder: str | Path | None = None) -> list[DemoScene]:
         for mask_name in entry["masks"]:
             with base.joinpath(mask_name).open("rb") as fh:
                 masks.append(np.asarray(Image.open(fh).convert("L")) > 127)
-        boxes = [tuple(int(v) for v in b) for b in entry.get("boxes", [])]
+        boxes: list[Box] = [(int(x0), int(y0), int(x1), int(y1)) for x0, y0, x1, y1 in entry.get("boxes", [])]
         scenes.append(DemoScene(entry["name"], image, np.stack(masks), [int(c) for c in entry["classes"]], boxes))
     return scenes

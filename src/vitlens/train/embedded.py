@@ -17,6 +17,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from vitlens.data.fashion_mnist import FASHION_MNIST_CLASSES
 from vitlens.data.scenes import SceneConfig, SceneDataset
 from vitlens.train.loop import History, logits_of, train
 from vitlens.train.metrics import per_class_ap, per_item_recall
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NUM_CLASSES = len(FASHION_MNIST_CLASSES)
 TEST_SCENES = 2000
@@ -83,7 +87,7 @@ RECIPES: dict[str, Recipe] = {
 def build_embedded(name: str, **overrides):
     """The transformers config of embedded model `name` (recipe fields may be overridden, e.g. for pilots)."""
     r = recipe_of(name, **overrides)
-    common = dict(
+    common: dict[str, Any] = dict(
         image_size=r.image_size,
         patch_size=r.patch_size,
         num_channels=3,
@@ -138,7 +142,7 @@ def recipe_of(name: str, **overrides) -> Recipe:
     return Recipe(**{**asdict(RECIPES[name]), **overrides})
 
 
-def _model_from_config(config) -> nn.Module:
+def _model_from_config(config) -> PreTrainedModel:
     if config.model_type == "vit":
         from transformers import ViTForImageClassification
 
@@ -268,7 +272,7 @@ def _loss_fn(r: Recipe):
     """
     bce = nn.functional.binary_cross_entropy_with_logits
 
-    def loss(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
+    def loss(model: Any, x: torch.Tensor, target) -> torch.Tensor:  # a transformers classifier of r.family
         y, py = target if isinstance(target, (tuple, list)) else (target, None)
         if r.family == "swin":
             out = model.swin(pixel_values=x)
@@ -400,7 +404,7 @@ def describe_folder(folder: Path) -> dict:
     return info
 
 
-def write_folder(model: nn.Module, r: Recipe, folder: Path, info: dict) -> None:
+def write_folder(model: PreTrainedModel, r: Recipe, folder: Path, info: dict) -> None:
     """save_pretrained + preprocessor_config.json + metrics.json + MODEL_CARD.md."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)

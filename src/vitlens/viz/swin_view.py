@@ -48,13 +48,15 @@ def swin_block_index(model: VitModel, image_size: tuple[int, int], stage: int, b
 def swin_patch_view(model: VitModel, x: torch.Tensor, stage: int, block: int,
                     patch: PatchChoice = "per-window") -> SwinPatchView:
     """Capture one Swin block and return the chosen patches' attention rows (see `SwinPatchView`)."""
-    index = swin_block_index(model, tuple(x.shape[-2:]), stage, block)
-    grid = model.stage_plan(tuple(x.shape[-2:])).layouts[stage].grid
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    index = swin_block_index(model, size, stage, block)
+    grid = model.stage_plan(size).layouts[stage].grid
     if isinstance(patch, tuple) and not (0 <= patch[0] < grid[0] and 0 <= patch[1] < grid[1]):
         raise VitlensError(f"patch {patch} is outside stage {stage}'s {grid[0]}x{grid[1]} token grid")
     with torch.no_grad(), model.record(blocks=[index]) as rec:
         model(x.to(model.device))
     probs, meta = rec.probs[index], rec.meta[index]
+    assert probs is not None, "record(blocks=[index]) stores that block"
     window_id = meta["window_id"]
     patches = [patch] if isinstance(patch, tuple) else _window_centres(window_id)
     rows = torch.tensor([r * grid[1] + c for r, c in patches], device=probs.device)
