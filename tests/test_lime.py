@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from vitlens.errors import VitlensError
 from vitlens.images import Preprocess
-from vitlens.methods.lime import ImageClassifier, Lime, lime_kernel, weighted_ridge
+from vitlens.methods.lime import Lime, lime_kernel, weighted_ridge
+from vitlens.models.classifier import CallableClassifier
 from vitlens.segmentation import grid_segments
 
 IDENTITY = Preprocess(size=(32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -24,8 +25,8 @@ def planted(x: torch.Tensor) -> torch.Tensor:
     return p @ W_TRUE.T + B_TRUE
 
 
-def model() -> ImageClassifier:
-    return ImageClassifier(planted, preprocess=IDENTITY)
+def model() -> CallableClassifier:
+    return CallableClassifier(planted, preprocess=IDENTITY)
 
 
 WHITE = torch.ones(3, 32, 32)
@@ -133,7 +134,7 @@ def test_drop_removes_tokens_timm():
     m = Lime(vm, segmentation="grid", n_segments=4, num_samples=30, batch_size=8, hide="drop")
     exp = m.explain(x)
     assert exp.extras["class_weights"].shape == (1, 5, 4)
-    from vitlens.methods.lime import TokenDropper
+    from vitlens.models.token_drop import TokenDropper
 
     d = TokenDropper(vm, x[0])
     full = torch.ones(1, 16, dtype=torch.bool)
@@ -153,8 +154,8 @@ def test_drop_removes_tokens_timm():
 
 def test_drop_hf_vit_matches_full_forward():
     from factories import hf_vit
-    from vitlens.methods.lime import TokenDropper
     from vitlens.models.loading import load_model
+    from vitlens.models.token_drop import TokenDropper
 
     torch.manual_seed(0)
     vm = load_model(hf_vit())

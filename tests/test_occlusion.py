@@ -8,8 +8,8 @@ import torch
 
 from vitlens.errors import VitlensError
 from vitlens.images import Preprocess
-from vitlens.methods.lime import ImageClassifier
 from vitlens.methods.occlusion import Occlusion
+from vitlens.models.classifier import CallableClassifier
 
 IDENTITY = Preprocess(size=(20, 24), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -55,7 +55,7 @@ def slow_pixel_map(drop, starts_y, starts_x, window, size):
 def test_batched_equals_slow_loop(baseline, window, stride):
     net = _net()
     x = torch.rand(2, 3, 20, 24)
-    occ = Occlusion(ImageClassifier(net, IDENTITY), window=window, stride=stride, baseline=baseline, batch_size=7,
+    occ = Occlusion(CallableClassifier(net, IDENTITY), window=window, stride=stride, baseline=baseline, batch_size=7,
                     output="logits")
     exp = occ.explain(x, target=[1, 3])
     assert exp.maps.shape == (2, 20, 24)
@@ -89,7 +89,7 @@ def test_hand_worked_4x4_window_2_stride_1():
     weight = torch.arange(16.0).view(4, 4)
     x = torch.zeros(1, 3, 4, 4)
     x[:, 0] = 1.0
-    model = ImageClassifier(_linear_probe(weight), Preprocess(size=(4, 4), mean=(0.0,) * 3, std=(1.0,) * 3))
+    model = CallableClassifier(_linear_probe(weight), Preprocess(size=(4, 4), mean=(0.0,) * 3, std=(1.0,) * 3))
     exp = Occlusion(model, window=2, stride=1, baseline=0.0, output="logits").explain(x, target=0)
     grid = torch.tensor([[10.0, 14, 18], [26, 30, 34], [42, 46, 50]])
     pixel = torch.tensor([[10.0, 12, 16, 18],  # (0, 1): (10 + 14) / 2; (1, 1): (10 + 14 + 26 + 30) / 4 = 20
@@ -108,7 +108,7 @@ def test_pixels_no_window_covers_are_zero():
     weight = torch.ones(5, 5)
     x = torch.zeros(1, 3, 5, 5)
     x[:, 0] = 1.0
-    model = ImageClassifier(_linear_probe(weight), Preprocess(size=(5, 5), mean=(0.0,) * 3, std=(1.0,) * 3))
+    model = CallableClassifier(_linear_probe(weight), Preprocess(size=(5, 5), mean=(0.0,) * 3, std=(1.0,) * 3))
     exp = Occlusion(model, window=2, stride=2, baseline=0.0, output="logits").explain(x, target=0)
     want = torch.zeros(5, 5)
     want[:4, :4] = 4.0  # each covered pixel lies in exactly one window, whose 4 pixels each carry weight 1
@@ -120,7 +120,7 @@ def test_pixels_no_window_covers_are_zero():
 def test_batch_equals_one_by_one():
     net = _net()
     x = torch.rand(3, 3, 20, 24)
-    occ = Occlusion(ImageClassifier(net, IDENTITY), window=(6, 5), stride=(3, 4), baseline="blur", batch_size=5)
+    occ = Occlusion(CallableClassifier(net, IDENTITY), window=(6, 5), stride=(3, 4), baseline="blur", batch_size=5)
     together = occ.explain(x, target=[0, 4, 2])
     for b, t in enumerate([0, 4, 2]):
         alone = occ.explain(x[b : b + 1], target=t)
@@ -132,7 +132,7 @@ def test_batch_equals_one_by_one():
 def test_probabilities_are_the_default():
     net = _net()
     x = torch.rand(3, 20, 24)
-    exp = Occlusion(ImageClassifier(net, IDENTITY), window=10, baseline=0.0).explain(x, target=2)
+    exp = Occlusion(CallableClassifier(net, IDENTITY), window=10, baseline=0.0).explain(x, target=2)
     ref = slow_occlusion(net, x, 2, (10, 10), (10, 10), torch.zeros_like(x), probs=True)
     assert torch.allclose(exp.extras["drop"][0], ref, atol=1e-7)
 
@@ -152,7 +152,7 @@ def test_bad_options():
     with pytest.raises(VitlensError, match="baseline"):
         Occlusion(_net(), baseline="zeros")
     with pytest.raises(VitlensError, match="larger"):
-        Occlusion(ImageClassifier(_net(), IDENTITY), window=30).explain(torch.rand(1, 3, 20, 24))
+        Occlusion(CallableClassifier(_net(), IDENTITY), window=30).explain(torch.rand(1, 3, 20, 24))
 
 
 def test_image_sized_map_is_drawn_pixel_for_pixel():
@@ -166,7 +166,7 @@ def test_image_sized_map_is_drawn_pixel_for_pixel():
     weight = torch.zeros(20, 24)
     weight[12:, 18:] = 1.0  # only the bottom-right corner matters
     x = torch.ones(1, 3, 20, 24)
-    model = ImageClassifier(_linear_probe(weight), IDENTITY)
+    model = CallableClassifier(_linear_probe(weight), IDENTITY)
     m = Occlusion(model, window=4, stride=2, baseline=0.0, output="logits").explain(x, target=0).maps[0]
     assert float(m[:10, :].abs().max()) == 0 and float(m[:, :16].abs().max()) == 0  # no window reaching it, no drop
     view = Image.fromarray(np.full((20, 24, 3), 128, np.uint8))

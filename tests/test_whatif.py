@@ -12,7 +12,7 @@ from PIL import Image
 
 from vitlens.errors import VitlensError
 from vitlens.images import Preprocess
-from vitlens.methods.lime import ImageClassifier
+from vitlens.models.classifier import CallableClassifier
 from vitlens.whatif import Edit, apply_edit, check_edit, load_edits, parse_edit, whatif
 
 
@@ -131,7 +131,7 @@ def test_whatif_table():
     arr = np.zeros((32, 32, 3), np.uint8)
     arr[:, :] = (0, 0, 255)
     arr[0:16, 0:16] = (255, 0, 0)
-    model = ImageClassifier(red_detector, Preprocess((32, 32), (0, 0, 0), (1, 1, 1)), labels=["red", "other"])
+    model = CallableClassifier(red_detector, Preprocess((32, 32), (0, 0, 0), (1, 1, 1)), labels=["red", "other"])
     res = whatif(model, Image.fromarray(arr), ["move:0,0,16,16:16,16"], top_k=2, fill="mean")
     assert res.rows[0].top[0][0] == "red" and res.rows[1].top[0][0] == "other"
     md = res.markdown()

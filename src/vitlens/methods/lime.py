@@ -8,91 +8,21 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
-from vitlens.images import Preprocess
 from vitlens.methods.base import Images, Method, Target, check_choice
-from vitlens.models.base import VitModel
+from vitlens.models.classifier import as_classifier
+from vitlens.models.token_drop import TokenDropper
 from vitlens.segmentation import SEGMENTATIONS, image_segments
 
 OUTPUTS = ("probs", "logits")
 HIDES = ("mean", "blur", "drop")
-
-
-# ---- any classifier -------------------------------------------------------------------------------------------------
-class ImageClassifier:
-    """A plain callable [B, 3, H, W] -> logits [B, C] with the few things the model-agnostic methods use
-    (``preprocess``, ``device``, ``probabilities``, ``check_target``, ``labels``)."""
-
-    family = "callable"
-    has_head = True
-    patch_size = None
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], preprocess: Preprocess | None = None,
-                 labels: Sequence[str] | None = None, multi_label: bool = False) -> None:
-        if not callable(fn):
-            raise VitlensError(f"expected a model or a callable mapping images to logits, got {type(fn).__name__}")
-        self.module = fn
-        self.preprocess = preprocess or Preprocess()
-        self.labels = list(labels) if labels is not None else None
-        self.multi_label = multi_label
-        self.num_classes = len(self.labels) if self.labels else None
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the module's parameters (CPU for parameter-free callables)."""
-        if isinstance(self.module, nn.Module):
-            p = next(self.module.parameters(), None)
-            if p is not None:
-                return p.device
-        return torch.device("cpu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C]."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise VitlensError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
-        out = self.module(x.to(self.device))
-        out = getattr(out, "logits", out)
-        if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise VitlensError("the model must return logits [B, C] (a tensor or an object with .logits)")
-        return out
-
-    __call__ = forward
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over classes (per-class sigmoid when multi_label)."""
-        return VitModel.probabilities(self, logits)  # type: ignore[arg-type]
-
-    def check_target(self, target: Target, logits: torch.Tensor) -> torch.Tensor:
-        """Target class per sample (top-1 when None), with clear errors."""
-        return VitModel.check_target(self, target, logits)  # type: ignore[arg-type]
-
-
-def as_classifier(model, preprocess: Preprocess | None = None):
-    """A `VitModel` as it is; a spec string or a ViT module vitlens knows -> `load_model`; any other callable /
-    ``nn.Module`` -> `ImageClassifier` (``preprocess`` defaults to 224 px ImageNet normalisation)."""
-    if isinstance(model, (VitModel, ImageClassifier)):
-        return model
-    from vitlens.models.loading import load_model
-
-    if isinstance(model, str) or hasattr(model, "__fspath__"):
-        return load_model(model)
-    if isinstance(model, nn.Module):
-        try:
-            wrapped = load_model(model)
-        except VitlensError:
-            return ImageClassifier(model, preprocess)
-        if preprocess is not None:
-            wrapped.preprocess = preprocess
-        return wrapped
-    return ImageClassifier(model, preprocess)
 
 
 class PerturbationMethod(Method):
@@ -192,56 +122,6 @@ def lime_kernel(z: torch.Tensor, kernel_width: float) -> torch.Tensor:
     ``z`` [N, S] to the all-ones row (an all-zero row has distance 1, as sklearn's cosine distance gives)."""
     d = 1.0 - torch.sqrt(z.double().sum(1) / z.shape[1])
     return torch.sqrt(torch.exp(-(d**2) / kernel_width**2))
-
-
-# ---- token dropping (ViT-native hiding) -----------------------------------------------------------------------------
-class TokenDropper:
-    """Runs a ViT on one image with some patch tokens removed after the patch and position embedding.
-
-    Supported: timm VisionTransformer (any pooling) and transformers ViTForImageClassification. Embeddings are
-    computed once per image; each perturbed forward only runs the blocks on the prefix tokens plus the kept patches.
-    """
-
-    def __init__(self, model, image: torch.Tensor) -> None:
-        from vitlens.models.timm_adapter import is_timm_vit
-
-        module = getattr(model, "module", None)
-        self.kind = None
-        if module is not None and is_timm_vit(module):
-            self.kind = "timm"
-        elif module is not None and type(module).__name__ == "ViTForImageClassification":
-            self.kind = "hf-vit"
-        if self.kind is None:
-            name = type(module if module is not None else model).__name__
-            raise VitlensError(f"hide='drop' needs a timm VisionTransformer or a transformers "
-                               f"ViTForImageClassification; got {name}. Use hide='mean' or 'blur'")
-        self.module = module
-        with torch.no_grad():
-            x = image[None]
-            if self.kind == "timm":
-                tok = module._pos_embed(module.patch_embed(x))
-                tok = module.norm_pre(module.patch_drop(tok))
-                self.num_prefix = int(module.num_prefix_tokens)
-            else:
-                tok = module.vit.embeddings(x)
-                self.num_prefix = 1
-        self.tokens = tok  # [1, P + N, D]
-        self.num_patches = tok.shape[1] - self.num_prefix
-
-    def __call__(self, keep: torch.Tensor) -> torch.Tensor:
-        """Logits for samples ``keep`` [n, N] (bool per patch) that all keep the same number of patches."""
-        n = keep.shape[0]
-        idx = keep.nonzero()[:, 1].view(n, -1) + self.num_prefix
-        prefix = torch.arange(self.num_prefix, device=keep.device).expand(n, -1)
-        idx = torch.cat([prefix, idx], 1)
-        tok = self.tokens.expand(n, -1, -1).gather(1, idx[..., None].expand(-1, -1, self.tokens.shape[-1]))
-        m = self.module
-        if self.kind == "timm":
-            tok = m.norm(m.blocks(tok))
-            return m.forward_head(tok)
-        for layer in m.vit.layers:
-            tok = layer(tok, None)
-        return m.classifier(m.vit.layernorm(tok)[:, 0])
 
 
 def patch_segments(segments: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:

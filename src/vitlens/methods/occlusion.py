@@ -10,19 +10,13 @@ import sys
 
 import torch
 
+from vitlens._utils import pair
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.methods.base import Images, Target
 from vitlens.methods.lime import PerturbationMethod, gaussian_blur
 
 BASELINES = ("mean", "blur")
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    t = (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(a) for a in v)
-    if len(t) != 2 or min(t) < 1:
-        raise VitlensError(f"{name} must be a positive int or (height, width) of positive ints; got {v!r}")
-    return t  # type: ignore[return-value]
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -57,8 +51,8 @@ class Occlusion(PerturbationMethod):
     def __init__(self, model, window=(16, 16), stride=None, baseline=0.0, batch_size: int = 64,
                  output: str = "probs", progress: bool = False) -> None:
         super().__init__(model, output=output, batch_size=batch_size, progress=progress)
-        self.window = _pair(window, "window")
-        self.stride = _pair(stride if stride is not None else self.window, "stride")
+        self.window = pair(window, "window")
+        self.stride = pair(stride if stride is not None else self.window, "stride")
         if isinstance(baseline, str):
             if baseline not in BASELINES:
                 try:

@@ -110,7 +110,7 @@ class VitModel:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over classes, or per-class sigmoid for a multi-label head."""
-        return logits.sigmoid() if self.multi_label else logits.softmax(-1)
+        return class_probabilities(logits, self.multi_label)
 
     def check_target(self, target: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
         """Resolve the target class per sample (top-1 when None), with clear errors."""
@@ -119,17 +119,7 @@ class VitModel:
                 f"{type(self.module).__name__} is a backbone without a classification head; class-specific methods "
                 "need one (use a *ForImageClassification model, or a class-agnostic method such as rollout)"
             )
-        b, c = logits.shape
-        if target is None:
-            return logits.argmax(-1)
-        t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(b)
-        if t.numel() != b:
-            raise VitlensError(f"got {t.numel()} targets for a batch of {b}; give one target or one per image")
-        if bool(((t < 0) | (t >= c)).any()):
-            raise VitlensError(f"target class {t.tolist()} out of range: the model has {c} classes (0..{c - 1})")
-        return t
+        return target_indices(target, logits)
 
     def record(
         self, grads: bool = False, blocks: Sequence[int] | None = None, stream: StreamFn | None = None
@@ -140,6 +130,26 @@ class VitModel:
     def __repr__(self) -> str:
         name = type(self.module).__name__
         return f"{type(self).__name__}({name}, blocks={self.num_blocks}, classes={self.num_classes})"
+
+
+def class_probabilities(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """Softmax over classes [B, C], or per-class sigmoid for a multi-label head."""
+    return logits.sigmoid() if multi_label else logits.softmax(-1)
+
+
+def target_indices(target: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """The target class per sample of ``logits`` [B, C]: top-1 when None, one index for all, or one per sample."""
+    b, c = logits.shape
+    if target is None:
+        return logits.argmax(-1)
+    t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(b)
+    if t.numel() != b:
+        raise VitlensError(f"got {t.numel()} targets for a batch of {b}; give one target or one per image")
+    if bool(((t < 0) | (t >= c)).any()):
+        raise VitlensError(f"target class {t.tolist()} out of range: the model has {c} classes (0..{c - 1})")
+    return t
 
 
 def label_of(model, index: int) -> str:
