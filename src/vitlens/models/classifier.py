@@ -25,7 +25,11 @@ class ImageClassifier(Protocol):
     labels: list[str] | None
     num_classes: int | None
     multi_label: bool
-    patch_size: tuple[int, int] | None
+
+    @property
+    def patch_size(self) -> tuple[int, int] | None:
+        """The ViT patch (h, w), or None for a model without patches."""
+        ...
 
     @property
     def has_head(self) -> bool:
@@ -101,7 +105,9 @@ class CallableClassifier:
 def as_classifier(model, preprocess: Preprocess | None = None) -> ImageClassifier:
     """A `VitModel` or `CallableClassifier` as it is; a spec string or a ViT module vitlens knows -> `load_model`;
     any other callable / ``nn.Module`` -> `CallableClassifier` (``preprocess`` defaults to 224 px ImageNet)."""
-    if isinstance(model, (VitModel, CallableClassifier)):
+    if isinstance(model, VitModel):
+        return model
+    if isinstance(model, CallableClassifier):
         return model
     from vitlens.models.loading import load_model
 

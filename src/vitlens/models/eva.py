@@ -8,6 +8,8 @@ values; that output is what vitlens captures. Readout follows ``global_pool``: '
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from vitlens.errors import VitlensError
@@ -37,7 +39,8 @@ class TimmEvaModel(GenericAdapter):
                 f"timm Eva with global_pool={pool!r} is not supported (rollout needs 'token' or 'avg' pooling); "
                 "recreate the model with global_pool='token' or 'avg'"
             )
-        super().__init__(module, "blocks.*.attn", "timm", num_prefix_tokens=int(module.num_prefix_tokens),
+        timm_module: Any = module
+        super().__init__(module, "blocks.*.attn", "timm", num_prefix_tokens=int(timm_module.num_prefix_tokens),
                          readout=readout, preprocess=preprocess)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from vitlens.layout import READOUTS, TokenLayout
 from vitlens.models.base import AttentionSite, VitModel
 
 KINDS = ("timm", "hf")
-AUTO = "auto"
+AUTO: Final = "auto"
 RunFn = Callable[[nn.Module, torch.Tensor], Any]
 
 
@@ -132,7 +132,7 @@ class GenericAdapter(VitModel):
         self._probs_at = probs_at
         self._check_timm_sites()
         self._user_run = run
-        self._config = getattr(module, "config", None)
+        self._config: Any = getattr(module, "config", None)
         self._num_prefix = self._auto_prefix(module, num_prefix_tokens)
         self._readout = self._auto_readout(readout)
         try:
@@ -245,7 +245,9 @@ class GenericAdapter(VitModel):
 
             return use_eager_attention(self.module)
         flag = self._fused_flag
-        saved = [(m, getattr(m, flag)) for _, m in self._attn] if flag else []
+        if not flag:
+            return lambda: None
+        saved = [(m, getattr(m, flag)) for _, m in self._attn]
         for m, _ in saved:
             setattr(m, flag, False)
 
@@ -270,7 +272,7 @@ class GenericAdapter(VitModel):
             if self._accepts_interp and size is not None and tuple(x.shape[-2:]) != pair(size):
                 kwargs["interpolate_pos_encoding"] = True
             out = self.module(pixel_values=x, **kwargs)
-        return self._pick_output(out, tuple(x.shape[-2:]))
+        return self._pick_output(out, (x.shape[-2], x.shape[-1]))
 
     def _pick_output(self, out, image_size: tuple[int, int]) -> torch.Tensor:
         if isinstance(out, torch.Tensor):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -38,8 +40,8 @@ class HFSiglipModel(GenericAdapter):
 
     def probe_attention(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N] attention of the MAP head's probe over the final tokens (mean over its heads, rows sum to 1)."""
-        head = next((m for m in self.module.modules() if type(m).__name__ == "SiglipMultiheadAttentionPoolingHead"),
-                    None)
+        heads = [m for m in self.module.modules() if type(m).__name__ == "SiglipMultiheadAttentionPoolingHead"]
+        head: Any = heads[0] if heads else None
         if head is None:
             raise VitlensError(f"{type(self.module).__name__} has no attention-pooling head (vision_use_head=False)")
         got: list[torch.Tensor] = []

@@ -3,6 +3,8 @@ position embedding, so it lives next to the adapters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vitlens.errors import VitlensError
@@ -17,7 +19,7 @@ class TokenDropper:
     """
 
     def __init__(self, model, image: torch.Tensor) -> None:
-        module = getattr(model, "module", None)
+        module: Any = getattr(model, "module", None)
         self.kind = None
         if module is not None and is_timm_vit(module):
             self.kind = "timm"
