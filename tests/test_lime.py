@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from vitlens.errors import VitlensError
 from vitlens.images import Preprocess
 from vitlens.methods.lime import Lime, lime_kernel, weighted_ridge
+from vitlens.methods.segmentation import grid_segments
 from vitlens.models.classifier import CallableClassifier
-from vitlens.segmentation import grid_segments
 
 IDENTITY = Preprocess(size=(32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 torch.manual_seed(0)
@@ -152,7 +152,29 @@ def test_drop_removes_tokens_timm():
     assert torch.allclose(a.extras["class_weights"], exp.extras["class_weights"], atol=1e-5)
 
 
-def test_drop_hf_vit_matches_full_forward():
+def _hf_vit_on_tokens(module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Oracle: logits of the HF ViT's own forward when its embedding layer's output is replaced by the CLS token and
+    the KEPT patches only, each embedding built by hand (patch pixels . conv weight + bias + its position)."""
+    emb = module.vit.embeddings
+    conv = emb.patch_embeddings.projection
+    ph, pw = conv.kernel_size
+    gw = x.shape[-1] // pw
+    pos = emb.position_embeddings[0]  # [1 + N, D]: CLS first, then patches row-major
+    tokens = [emb.cls_token[0, 0] + pos[0]]
+    for t in keep.nonzero()[:, 0].tolist():
+        r, c = divmod(t, gw)
+        patch = x[0, :, r * ph : (r + 1) * ph, c * pw : (c + 1) * pw]
+        tokens.append((conv.weight * patch).sum((1, 2, 3)) + conv.bias + pos[1 + t])
+    handle = emb.register_forward_hook(lambda m, a, out: torch.stack(tokens)[None])
+    try:
+        return module(pixel_values=x).logits
+    finally:
+        handle.remove()
+
+
+def test_drop_hf_vit_partial_keep_equals_the_model_on_the_kept_tokens():
+    """HF ViT token dropping with patches really dropped (different patterns, same count, batched) against the
+    model's own forward on hand-built embeddings of the kept patches; keeping every patch is the plain forward."""
     from factories import hf_vit
     from vitlens.models.loading import load_model
     from vitlens.models.token_drop import TokenDropper
@@ -161,7 +183,20 @@ def test_drop_hf_vit_matches_full_forward():
     vm = load_model(hf_vit())
     x = torch.randn(1, 3, 32, 32)
     d = TokenDropper(vm, x[0])
+    g = torch.Generator().manual_seed(3)
+    keep = torch.zeros(4, 16, dtype=torch.bool)
+    for row in keep:
+        row[torch.randperm(16, generator=g)[:9]] = True
+    assert len({tuple(r.tolist()) for r in keep}) == 4  # four different patterns of 9 kept patches
     with torch.no_grad():
-        assert torch.allclose(d(torch.ones(1, 16, dtype=torch.bool)), vm(x), atol=1e-5)
+        got = d(keep)
+        full = vm(x)
+        for k, row in enumerate(keep):
+            want = _hf_vit_on_tokens(vm.module, x, row)
+            torch.testing.assert_close(got[k : k + 1], want, atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(want, full, atol=1e-3)  # dropping changed the output
+        torch.testing.assert_close(d(torch.ones(1, 16, dtype=torch.bool)), full, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(_hf_vit_on_tokens(vm.module, x, torch.ones(16, dtype=torch.bool)), full,
+                                   atol=1e-5, rtol=1e-4)
     exp = Lime(vm, segmentation="grid", n_segments=4, num_samples=20, hide="drop").explain(x)
     assert exp.maps.shape == (1, 32, 32)
