@@ -12,8 +12,8 @@ from PIL import Image
 
 from vitlens.errors import VitlensError
 from vitlens.images import Preprocess
+from vitlens.methods.whatif import Edit, apply_edit, check_edit, load_edits, parse_edit, whatif
 from vitlens.models.classifier import CallableClassifier
-from vitlens.whatif import Edit, apply_edit, check_edit, load_edits, parse_edit, whatif
 
 
 def _image(w: int = 40, h: int = 30) -> tuple[Image.Image, np.ndarray]:
@@ -162,11 +162,8 @@ def photo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def main():
-    from vitlens.cli import cli, main
-    from vitlens.cli_model_agnostic import register
+    from vitlens.cli import main
 
-    register(cli)
-    register(cli)  # twice is harmless
     return main
 
 
@@ -210,3 +207,88 @@ def test_cli_lime_and_occlusion(main, hf_dir, photo, tmp_path, capsys):
     rc = main(["occlusion", str(photo), "--model", str(hf_dir), "--window", "0", "--out", str(tmp_path / "y.png")])
     assert rc == 2
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def _direct_probs(hf_dir: Path, picture: Image.Image) -> torch.Tensor:
+    """The transformers model's own softmax on ``picture`` after vitlens' preprocessing of that model."""
+    from transformers import ViTForImageClassification
+
+    import vitlens
+
+    x, _ = vitlens.load_model(str(hf_dir)).preprocess([picture])
+    module = ViTForImageClassification.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        return module(pixel_values=x).logits.softmax(-1)[0]
+
+
+def test_cli_whatif_table_holds_the_models_probabilities(main, hf_dir, photo, tmp_path, capsys):
+    """Every number of the CSV table is the model's probability computed directly on the edited image."""
+    import csv
+
+    from transformers import AutoConfig
+
+    from vitlens.images import load_image
+
+    edits = ["move:0,0,10,10:20,20", "scale:5,5,25,25:0.5", "split:0,0,20,20"]
+    out = tmp_path / "w.png"
+    args = ["whatif", str(photo), "--model", str(hf_dir), "--out", str(out)]
+    assert main([*args[:4], *[a for e in edits for a in ("--edit", e)], *args[4:]]) == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [r["edit"] for r in rows] == ["", *edits]
+    names = AutoConfig.from_pretrained(hf_dir).id2label
+    original = load_image(photo)
+    reference = None
+    for row in rows:
+        picture = original if not row["edit"] else apply_edit(original, parse_edit(row["edit"]), fill="blur")
+        probs = _direct_probs(hf_dir, picture)
+        order = probs.argsort(descending=True).tolist()
+        reference = order[0] if reference is None else reference
+        for k, cls in enumerate(order, 1):  # 3 classes: the top-3 is every class
+            assert row[f"top{k}"] == names[cls]
+            assert float(row[f"p{k}"]) == pytest.approx(float(probs[cls]), abs=2e-6)
+        assert float(row[f"p({names[reference]})"]) == pytest.approx(float(probs[reference]), abs=2e-6)
+    width, height = _png_size(out)
+    assert width > height > 100
+
+
+def test_cli_lime_hide_drop_is_the_librarys_token_drop(main, hf_dir, photo, tmp_path, capsys):
+    """`--hide drop` runs LIME with tokens dropped: the printed probabilities are the model's own on the image, the
+    surrogate R^2 is the library's drop run (not the default grey hiding), the figure is the library's figure."""
+    from functools import partial
+
+    import vitlens
+    from vitlens.images import load_image
+    from vitlens.methods.lime import Lime
+    from vitlens.models.base import label_of
+    from vitlens.viz.figures import percent, save_figure
+    from vitlens.viz.lime_figures import lime_figure
+
+    out = tmp_path / "d.png"
+    capsys.readouterr()
+    rc = main(["lime", str(photo), "--model", str(hf_dir), "--hide", "drop", "--segmentation", "grid",
+               "--num-samples", "16", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    model = vitlens.load_model(str(hf_dir))
+    x, views = model.preprocess([load_image(photo)])  # the tensor and the resized view the CLI draws on
+    view = views[0]
+    probs = _direct_probs(hf_dir, load_image(photo))
+    top = probs.argsort(descending=True)[:2].tolist()
+    for rank, cls in enumerate(top, 1):
+        assert f"top-{rank}: {label_of(model, cls)} ({percent(float(probs[cls]))})" in printed
+    drop = Lime(model, segmentation="grid", num_samples=16, hide="drop").explain(x)
+    grey = Lime(model, segmentation="grid", num_samples=16).explain(x)
+    assert f"surrogate R^2 (top-1): {float(drop.extras['score'][0]):.3f}" in printed
+    assert not torch.allclose(drop.extras["class_weights"], grey.extras["class_weights"])
+    mine = tmp_path / "library.png"
+    save_figure(lime_figure(view, drop, partial(label_of, model), top=2, num_features=5), mine)
+    assert _png_size(out) == _png_size(mine)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(mine)))
