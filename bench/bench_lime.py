@@ -28,7 +28,7 @@ import torch
 import _env  # noqa: F401  (first: makes timm importable, pins threads)
 from vitlens.images import Preprocess, load_image
 from vitlens.methods.lime import ImageClassifier, Lime
-from vitlens.segmentation import image_segments
+from vitlens.methods.segmentation import image_segments
 
 CAT = Path(__file__).resolve().parents[1] / "src" / "vitlens" / "assets" / "demo_cat.png"
 

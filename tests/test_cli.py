@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlens import GradRollout, Rollout, load_image, load_model, runner
+from vitlens import GradRollout, Rollout, load_image, load_model
+from vitlens.cli import demo as demo_cli
 from vitlens.cli import main
 
 LABELS = ["Sneaker", "Bag", "Coat", "Dress", "Shirt"]
@@ -233,16 +234,58 @@ def test_timm_model_with_weights_and_kwargs(timm_weights, image, tmp_path, capsy
 
 
 # ---- other commands -------------------------------------------------------------------------------------------------
-def test_heads_layers_compare(hf_dir, image, tmp_path, capsys):
-    for argv, name in [
-        (["heads", image, "--model", hf_dir, "--query", "1,2"], "heads.png"),
-        (["layers", image, "--model", hf_dir, "--head-fusion", "min"], "layers.png"),
-        (["compare", image, "--model", hf_dir, "--discard-ratio", "0.5", "--target", "bag"], "compare.png"),
-    ]:
-        code, stdout, err = run([*argv, "--out", tmp_path / name], capsys)
-        assert code == 0, err
-        assert f"wrote {tmp_path / name}" in stdout
-        _check_png(tmp_path / name)
+def _recorder(monkeypatch, name: str) -> list:
+    """Record the arguments of the figure builder ``name`` as `vitlens.viz.plots` calls it (then draw as usual)."""
+    from vitlens.viz import plots
+
+    calls: list = []
+    original = getattr(plots, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plots, name, spy)
+    return calls
+
+
+def _not_blank(path: Path) -> None:
+    _check_png(path)
+    with Image.open(path) as im:
+        assert np.asarray(im.convert("L"), dtype=np.float32).std() > 5  # something was drawn
+
+
+def test_heads_layers_compare_draw_the_library_maps(hf_dir, image, tmp_path, capsys, monkeypatch):
+    from vitlens import AttentionMaps
+
+    model = _library_model(str(hf_dir))
+    x, _ = model.preprocess([load_image(image)])
+    heads, layers, compare = (_recorder(monkeypatch, n) for n in ("heads_figure", "layers_figure", "compare_figure"))
+
+    code, stdout, err = run(["heads", image, "--model", hf_dir, "--query", "1,2", "--out", tmp_path / "h.png"], capsys)
+    assert code == 0, err
+    expected = AttentionMaps(model, query=(1, 2)).explain(x).extras["per_head"][0]
+    torch.testing.assert_close(torch.as_tensor(heads[0][1]), expected)
+    assert heads[0][3] == (1, 2)
+
+    code, _, err = run(["layers", image, "--model", hf_dir, "--head-fusion", "min", "--out", tmp_path / "l.png"],
+                       capsys)
+    assert code == 0, err
+    expected = Rollout(model, head_fusion="min", per_layer=True).explain(x).extras["per_layer"][0]
+    torch.testing.assert_close(torch.as_tensor(layers[0][1]), expected)
+    assert list(layers[0][2]) == [0, 1]
+
+    code, _, err = run(["compare", image, "--model", hf_dir, "--discard-ratio", "0.5", "--target", "bag",
+                        "--out", tmp_path / "c.png"], capsys)
+    assert code == 0, err
+    panels = compare[0][1]
+    wanted = [Rollout(model, head_fusion=f, discard_ratio=0.5).explain(x).numpy()[0] for f in ("mean", "max", "min")]
+    wanted.append(GradRollout(model, discard_ratio=0.5).explain(x, target=1).numpy()[0])
+    assert len(panels) == 4 and "'Bag' (class 1" in panels[3][0]
+    for (_, got), want in zip(panels, wanted):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for name in ("h.png", "l.png", "c.png"):
+        _not_blank(tmp_path / name)
 
 
 def test_compare_on_backbone_leaves_out_grad_rollout(backbone_dir, image, tmp_path, capsys):
@@ -270,7 +313,7 @@ def test_demo_with_random_model(tmp_path, capsys, monkeypatch, hf_dir):
 
     # the demo's own random ViT is 224 px / 6 blocks; a tiny one keeps this test quick (random_vit is tested below)
     monkeypatch.setattr(zoo, "zoo_models", lambda: {})
-    monkeypatch.setattr(runner, "random_vit", lambda: load_model(str(hf_dir)))
+    monkeypatch.setattr(demo_cli, "random_vit", lambda: load_model(str(hf_dir)))
     code, stdout, err = run(["demo", "--out", tmp_path / "demo"], capsys)
     assert code == 0, err
     assert "randomly initialised ViT" in stdout
@@ -287,14 +330,14 @@ def test_demo_with_random_model(tmp_path, capsys, monkeypatch, hf_dir):
 def test_random_vit_and_bundled_image(monkeypatch):
     from vitlens.models import zoo
 
-    model = runner.random_vit()
+    model = demo_cli.random_vit()
     cfg = model.module.config
     assert (cfg.image_size, cfg.patch_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
             cfg.num_labels) == (224, 16, 192, 6, 3, 10)
-    again = runner.random_vit()
+    again = demo_cli.random_vit()
     assert torch.equal(model.module.classifier.weight, again.module.classifier.weight)  # seeded
     monkeypatch.setattr(zoo, "zoo_models", lambda: {})  # the fallback the demo uses without embedded models
-    _, images, note = runner.demo_inputs()
+    _, images, note = demo_cli.demo_inputs()
     with Image.open(images[0]) as im:
         assert im.mode == "RGB" and min(im.size) >= 224
     assert images[0].stat().st_size < 150_000
@@ -390,10 +433,10 @@ def test_demo_prefers_the_embedded_scenes_model(tmp_path, monkeypatch, hf_dir):
     _photo(scenes / "scene0_mask0.png", 20)
     (scenes / "scenes.json").write_text(json.dumps({"scenes": [{"name": n[:-4], "image": n} for n in names]}))
     monkeypatch.setattr(zoo, "zoo_models", lambda: {"scenes-vit": hf_dir})
-    model, images, note = runner.demo_inputs(assets=tmp_path / "assets")
+    model, images, note = demo_cli.demo_inputs(assets=tmp_path / "assets")
     assert model is not None and model.labels == LABELS
     assert images == [scenes / n for n in names]
     assert note == ""
     monkeypatch.setattr(zoo, "zoo_models", lambda: {})
-    model, images, note = runner.demo_inputs(assets=tmp_path / "assets")
+    model, images, note = demo_cli.demo_inputs(assets=tmp_path / "assets")
     assert model is None and images == [tmp_path / "assets" / "demo_cat.png"] and "randomly initialised" in note

@@ -1,20 +1,52 @@
-"""vitlens: see what a Vision Transformer looks at, exactly."""
+"""vitlens: see what a Vision Transformer looks at, exactly.
 
-from vitlens.capture import AttentionRecord, record
-from vitlens.errors import VitlensError
-from vitlens.explanation import Explanation
-from vitlens.images import Preprocess, load_image
-from vitlens.layout import TokenLayout
-from vitlens.methods import METHODS, AttentionMaps, GradRollout, Rollout
-from vitlens.methods.lime import Lime
-from vitlens.methods.occlusion import Occlusion
-from vitlens.models import VitModel, load_model, wrap
-from vitlens.whatif import apply_edit, parse_edit, whatif
+The public names below are imported on first use, so `import vitlens` (and the command line's start) stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "AttentionRecord": "vitlens.capture", "record": "vitlens.capture",
+    "VitlensError": "vitlens.errors",
+    "Explanation": "vitlens.explanation",
+    "Preprocess": "vitlens.images", "load_image": "vitlens.images",
+    "TokenLayout": "vitlens.layout",
+    "METHODS": "vitlens.methods", "AttentionMaps": "vitlens.methods", "GradRollout": "vitlens.methods",
+    "Rollout": "vitlens.methods", "Lime": "vitlens.methods", "Occlusion": "vitlens.methods",
+    "VitModel": "vitlens.models", "load_model": "vitlens.models", "wrap": "vitlens.models",
+    "apply_edit": "vitlens.methods.whatif", "parse_edit": "vitlens.methods.whatif", "whatif": "vitlens.methods.whatif",
+}
 
 __all__ = [
     "METHODS", "AttentionMaps", "AttentionRecord", "Explanation", "GradRollout", "Lime", "Occlusion", "Preprocess",
     "Rollout", "TokenLayout", "VitModel", "VitlensError", "apply_edit", "load_image", "load_model", "parse_edit",
     "record", "whatif", "wrap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vitlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:
+    from vitlens.capture import AttentionRecord, record
+    from vitlens.errors import VitlensError
+    from vitlens.explanation import Explanation
+    from vitlens.images import Preprocess, load_image
+    from vitlens.layout import TokenLayout
+    from vitlens.methods import METHODS, AttentionMaps, GradRollout, Lime, Occlusion, Rollout
+    from vitlens.methods.whatif import apply_edit, parse_edit, whatif
+    from vitlens.models import VitModel, load_model, wrap

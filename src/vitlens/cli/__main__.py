@@ -2,6 +2,6 @@
 
 import sys
 
-from vitlens.cli.main import main
+from vitlens.cli import main
 
 sys.exit(main())

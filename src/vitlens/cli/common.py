@@ -58,22 +58,6 @@ def load(model_spec: str, weights: str | None, timm_kwargs: str | None, image_si
     return load_model(model_spec, weights=weights, image_size=image_size, device=device, model_kwargs=kwargs)
 
 
-def pair(text: str | None, flag: str) -> tuple[int, int] | None:
-    """'N' or 'H,W' -> (h, w) of positive ints (None stays None)."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        vals = [int(p) for p in parts]
-    except ValueError:
-        raise VitlensError(f"{flag} must be N or H,W in pixels, got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or min(vals) < 1:
-        raise VitlensError(f"{flag} must be N or H,W of positive integers, got {text!r}")
-    return vals[0], vals[1]
-
-
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Expand folders into their images and check every path is a readable file (decoding happens later)."""
     if not inputs:

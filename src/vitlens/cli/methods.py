@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
+import torch
 
 from vitlens.errors import VitlensError
 from vitlens.methods import METHODS
@@ -75,6 +76,8 @@ def build_method(model: Any, name: str, given: dict[str, Any], **fixed: Any) -> 
     if not cls.applies_to(model):
         raise VitlensError(f"{name} does not apply to {type(getattr(model, 'module', model)).__name__}: it works on "
                            f"{', '.join(cls.families)} models")
+    if cls.class_specific and not model.has_head:
+        model.check_target(None, torch.zeros(1, 1))  # the backbone error, before any work
     own = {o.name for o in cls.options}
     every = declared_options(METHODS)
     notes = [f"note: {every[k][0].flag if k in every else k} does not apply to {name}; ignored"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import click
 
-from vitlens.cli.common import load, model_options, one_image, out_png, pair
+from vitlens.cli.common import load, model_options, one_image, out_png
+from vitlens.cli.methods import build_method, method_options, pop_options
 from vitlens.cli.outputs import write_all
 from vitlens.models.base import label_of
 from vitlens.models.labels import resolve_target
@@ -17,23 +19,18 @@ from vitlens.viz.plots import check_finite, top_predictions
 @click.command("occlusion")
 @click.argument("image", type=click.Path())
 @model_options
-@click.option("--window", default="16", show_default=True, metavar="N|H,W", help="Occluding window in pixels.")
-@click.option("--stride", default=None, metavar="N|H,W", help="Step between windows [default: the window].")
-@click.option("--baseline", default="0", show_default=True,
-              help="What covers a window: a number in the model's input space (0 = dataset mean), mean or blur.")
+@method_options(["occlusion"])
 @click.option("--target", default=None, metavar="CLASS", help="Class index or name [default: top-1].")
-@click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=64, show_default=True)
 @click.option("--out", required=True, metavar="FILE.png")
 def occlusion(image: str, model_spec: str, weights: str | None, timm_kwargs: str | None, image_size: int | None,
-              device: str, window: str, stride: str | None, baseline: str, target: str | None, batch_size: int,
-              out: str) -> None:
+              device: str, target: str | None, out: str, **options: Any) -> None:
     """Occlusion: the drop of the class probability when each window is covered."""
     from vitlens.methods.occlusion import Occlusion
 
     dest = out_png(out)
-    win, step = pair(window, "--window"), pair(stride, "--stride")
     model = load(model_spec, weights, timm_kwargs, image_size, device)
-    method = Occlusion(model, window=win, stride=step, baseline=baseline, batch_size=batch_size, progress=True)
+    method, _ = build_method(model, "occlusion", pop_options(options, ["occlusion"]), progress=True)
+    assert isinstance(method, Occlusion)
     t = resolve_target(model, target)
     path, view = one_image(image, model)
     exp = method.explain(model.preprocess.tensor(view)[None], target=t)

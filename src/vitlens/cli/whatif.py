@@ -10,8 +10,8 @@ import click
 from vitlens.cli.common import collect_images, load, model_options, out_png
 from vitlens.cli.outputs import write_all
 from vitlens.errors import VitlensError
+from vitlens.methods.whatif import FILLS
 from vitlens.viz.figures import save_figure
-from vitlens.whatif import FILLS
 
 
 def _write_text(text: str, path: Path) -> None:
@@ -35,9 +35,9 @@ def whatif(image: str, model_spec: str, weights: str | None, timm_kwargs: str | 
            device: str, edit_texts: tuple[str, ...], edits_file: str | None, fill: str, top_k: int, out: str) -> None:
     """What-if: move, resize or split regions and compare the top-k classes of the original and edited images."""
     from vitlens.images import load_image
+    from vitlens.methods.whatif import check_edit, load_edits, parse_edit
+    from vitlens.methods.whatif import whatif as run_whatif
     from vitlens.viz.lime_figures import whatif_figure
-    from vitlens.whatif import check_edit, load_edits, parse_edit
-    from vitlens.whatif import whatif as run_whatif
 
     edits = [parse_edit(t) for t in edit_texts] + (load_edits(edits_file) if edits_file else [])
     if not edits:

@@ -1,9 +1,11 @@
-"""Explanation methods, one file each."""
+"""Explanation methods, one file each; importing this package registers them all in `METHODS`."""
 
 from vitlens.methods.attention import AttentionMaps
+from vitlens.methods.base import METHODS, GradientMethod, Method, Option, PerturbationMethod, register
 from vitlens.methods.grad_rollout import GradRollout
+from vitlens.methods.lime import Lime
+from vitlens.methods.occlusion import Occlusion
 from vitlens.methods.rollout import Rollout
 
-METHODS = {"attention": AttentionMaps, "rollout": Rollout, "grad_rollout": GradRollout}
-
-__all__ = ["METHODS", "AttentionMaps", "GradRollout", "Rollout"]
+__all__ = ["METHODS", "AttentionMaps", "GradRollout", "GradientMethod", "Lime", "Method", "Occlusion", "Option",
+           "PerturbationMethod", "Rollout", "register"]

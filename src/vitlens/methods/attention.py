@@ -7,7 +7,7 @@ import torch
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.layout import TokenLayout
-from vitlens.methods.base import Images, Method, Target
+from vitlens.methods.base import Images, Method, Option, Target, register
 from vitlens.models.base import VitModel
 
 Query = str | tuple[int, int]
@@ -38,15 +38,32 @@ def query_rows(attn: torch.Tensor, layout: TokenLayout, query: Query) -> torch.T
     return row[..., layout.num_prefix :].reshape(*row.shape[:2], *layout.grid)
 
 
+def query_text(query: Query) -> str:
+    """Words for a query: 'CLS token', 'mean of all tokens' or 'patch (r, c)'."""
+    if query == "cls":
+        return "CLS token"
+    if query == "mean":
+        return "mean of all tokens"
+    return f"patch ({query[0]}, {query[1]})"
+
+
+@register
 class AttentionMaps(Method):
     """Per block and head, the attention of a query token over the patch tokens: extras['per_head'] [B, L, H, gh, gw]
     (raw probabilities). ``maps`` is the head mean of the last block, divided by its maximum."""
 
     name = "attention"
+    description = "raw attention of a query token (CLS, mean, or a patch) per block and head"
+    options = (Option("query", object, "cls", "cls, mean, or ROW,COL of a patch (0-based).", parse=parse_query),)
 
     def __init__(self, model: VitModel, query: Query = "cls") -> None:
         super().__init__(model)
-        self.query = parse_query(query) if isinstance(query, str) else tuple(query)
+        self.query: Query = parse_query(query) if isinstance(query, str) else (int(query[0]), int(query[1]))
+
+    @classmethod
+    def title(cls, params: dict, target_text: str | None = None) -> str:
+        """'attention of the CLS token, last block, mean of heads'."""
+        return f"attention of the {query_text(params.get('query', 'cls'))}, last block, mean of heads"
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Attention maps for a batch (``target`` is ignored). On a hierarchical model (Swin) every block's map is

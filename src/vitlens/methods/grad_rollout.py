@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from vitlens.explanation import Explanation
-from vitlens.methods.base import Images, Target
-from vitlens.methods.rollout import Rollout
+from vitlens.methods.base import GradientMethod, Images, Target, register
+from vitlens.methods.rollout import DISCARD, NORMALIZE, PER_LAYER, RESIDUAL, START, Rollout
 
 
-class GradRollout(Rollout):
+@register
+class GradRollout(GradientMethod, Rollout):
     """Per block, fused = mean over heads of (attention * d score / d attention), clamped at 0; then discard, residual,
     normalisation and products as in `Rollout`. The score is the target class logit (top-1 by default).
 
@@ -19,17 +20,16 @@ class GradRollout(Rollout):
     """
 
     name = "grad_rollout"
+    description = "rollout of the per-block attention weighted by its gradient (clamped at 0, mean over heads)"
+    options = (DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER)
 
     def __init__(self, model, discard_ratio: float = 0.0, start_layer: int = 0, residual_weight: float = 0.5,
                  normalize: bool = True, per_layer: bool = False) -> None:
-        super().__init__(model, "mean", discard_ratio, start_layer, residual_weight, normalize, per_layer)
-
-    @property
-    def params(self) -> dict:
-        """The options, for the Explanation."""
-        p = super().params
-        p.pop("head_fusion")
-        return p
+        GradientMethod.__init__(self, model)
+        self.head_fusion = "mean"  # the gradient-weighted heads are averaged
+        self.set_options(discard_ratio=discard_ratio, start_layer=start_layer, residual_weight=residual_weight,
+                         normalize=normalize, per_layer=per_layer)
+        self.check_start_layer()
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Class-specific rollout maps for a batch; ``target`` defaults to each sample's top-1 class."""
@@ -37,8 +37,8 @@ class GradRollout(Rollout):
         plan = self.model.stage_plan(tuple(x.shape[-2:]))
         with self.model.record(grads=True, blocks=range(self.start_layer, self.model.num_blocks)) as rec:
             logits = self.model(x)
-            t = self.model.check_target(target, logits)
-            grads = rec.grads(logits.gather(1, t[:, None]))
+            score, t = self.score(logits, target)
+            grads = rec.grads(score)
         acc = self.accumulator(plan)
         with torch.no_grad():
             for i in rec.captured():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,46 +15,11 @@ import torch.nn.functional as F
 
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
-from vitlens.methods.base import Images, Method, Target, check_choice
-from vitlens.models.classifier import as_classifier
+from vitlens.methods.base import BATCH, OUTPUT, Images, Option, PerturbationMethod, Target, register
+from vitlens.methods.segmentation import SEGMENTATIONS, image_segments
 from vitlens.models.token_drop import TokenDropper
-from vitlens.segmentation import SEGMENTATIONS, image_segments
 
-OUTPUTS = ("probs", "logits")
 HIDES = ("mean", "blur", "drop")
-
-
-class PerturbationMethod(Method):
-    """Base of the model-agnostic methods: the model may be any image classifier."""
-
-    def __init__(self, model, output: str = "probs", batch_size: int = 64, progress: bool = False) -> None:
-        self.model = as_classifier(model)
-        if not getattr(self.model, "has_head", True):
-            self.model.check_target(None, torch.zeros(1, 1))  # raises the backbone error
-        self.output = check_choice("output", output, OUTPUTS)
-        if int(batch_size) < 1:
-            raise VitlensError(f"batch_size must be at least 1, got {batch_size}")
-        self.batch_size = int(batch_size)
-        self.progress = bool(progress)
-
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """What is explained: probabilities (default) or logits."""
-        return self.model.probabilities(logits) if self.output == "probs" else logits
-
-    def to_rgb01(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the model's normalisation: [..., 3, H, W] in [0, 1]."""
-        pre = self.model.preprocess
-        mean = torch.tensor(pre.mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
-        std = torch.tensor(pre.std, device=x.device, dtype=x.dtype).view(3, 1, 1)
-        return (x * std + mean).clamp(0, 1)
-
-    def colour(self, rgb: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-        """An RGB colour in [0, 1] in the model's input space, as [3, 1, 1]."""
-        pre = self.model.preprocess
-        c = torch.as_tensor([float(v) for v in rgb], device=like.device, dtype=like.dtype)
-        mean = torch.tensor(pre.mean, device=like.device, dtype=like.dtype)
-        std = torch.tensor(pre.std, device=like.device, dtype=like.dtype)
-        return ((c - mean) / std).view(3, 1, 1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -139,6 +103,7 @@ def patch_segments(segments: torch.Tensor, patch: tuple[int, int]) -> torch.Tens
 
 
 # ---- LIME -----------------------------------------------------------------------------------------------------------
+@register
 class Lime(PerturbationMethod):
     """LIME: fit a weighted linear surrogate of the model's scores on which superpixels are shown.
 
@@ -160,22 +125,28 @@ class Lime(PerturbationMethod):
     """
 
     name = "lime"
+    description = "weights of a linear surrogate fitted on which superpixels are shown (positive: supporting)"
+    options = (
+        Option("segmentation", str, "slic", "Superpixels: slic, quickshift (scikit-image) or a grid aligned to the "
+               "patches.", choices=SEGMENTATIONS),
+        Option("n_segments", int, 50, "About how many superpixels (slic, grid).", lo=1, hi=10_000),
+        Option("num_samples", int, 1000, "Perturbed images sampled.", lo=2, hi=1_000_000),
+        BATCH,
+        Option("kernel_width", float, 0.25, "Width of lime's kernel on the cosine distance.", lo=0.0, lo_open=True,
+               hi=1e6),
+        Option("hide", object, "mean", "mean (each superpixel's mean colour), blur, drop (ViT token removal, grid "
+               "only), or a grey level / R,G,B in [0, 1].", parse=lambda text: parse_hide(text)),
+        Option("seed", int, 0, "Seed of the mask generator.", lo=0, hi=2**63 - 1),
+        Option("alpha", float, 1.0, "Ridge penalty of the surrogate.", lo=0.0, hi=1e6, cli=False),
+        OUTPUT,
+    )
 
     def __init__(self, model, segmentation: str = "slic", n_segments: int = 50, num_samples: int = 1000,
                  batch_size: int = 64, kernel_width: float = 0.25, hide="mean", seed: int = 0, alpha: float = 1.0,
                  output: str = "probs", progress: bool = False, **segment_options) -> None:
         super().__init__(model, output=output, batch_size=batch_size, progress=progress)
-        self.segmentation = check_choice("segmentation", segmentation, SEGMENTATIONS)
-        if int(n_segments) < 1:
-            raise VitlensError(f"n_segments must be at least 1, got {n_segments}")
-        if int(num_samples) < 2:
-            raise VitlensError(f"num_samples must be at least 2, got {num_samples}")
-        if not kernel_width > 0:
-            raise VitlensError(f"kernel_width must be positive, got {kernel_width}")
-        if alpha < 0:
-            raise VitlensError(f"alpha must be non-negative, got {alpha}")
-        self.n_segments, self.num_samples = int(n_segments), int(num_samples)
-        self.kernel_width, self.alpha, self.seed = float(kernel_width), float(alpha), int(seed)
+        self.set_options(segmentation=segmentation, n_segments=n_segments, num_samples=num_samples,
+                         kernel_width=kernel_width, seed=seed, alpha=alpha)
         self.hide = parse_hide(hide)
         self.segment_options = segment_options
         if self.hide == "drop":

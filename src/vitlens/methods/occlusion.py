@@ -6,6 +6,7 @@ Works on any image classifier (see `vitlens.methods.lime.as_classifier`).
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -13,8 +14,8 @@ import torch
 from vitlens._utils import pair
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
-from vitlens.methods.base import Images, Target
-from vitlens.methods.lime import PerturbationMethod, gaussian_blur
+from vitlens.methods.base import BATCH, OUTPUT, Images, Option, PerturbationMethod, Target, register
+from vitlens.methods.lime import gaussian_blur
 
 BASELINES = ("mean", "blur")
 
@@ -26,6 +27,28 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return list(range(0, size - window + 1, stride))
 
 
+def parse_baseline(value: str | float) -> str | float:
+    """'mean', 'blur' or a finite number (text or number) -> the baseline."""
+    if isinstance(value, str) and value in BASELINES:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise VitlensError(f"baseline must be a number, mean or blur; got {value!r}") from None
+    if not math.isfinite(number):
+        raise VitlensError(f"baseline must be a finite number, mean or blur; got {value!r}")
+    return number
+
+
+def _pair_text(text: str) -> tuple[int, int]:
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        return pair(int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts), "window")
+    except ValueError:
+        raise VitlensError(f"window and stride must be N or H,W of positive integers; got {text!r}") from None
+
+
+@register
 class Occlusion(PerturbationMethod):
     """Score drop of the target class when each ``window`` (h, w) placed every ``stride`` (h, w) pixels is replaced
     by ``baseline``: a number (in the model's input space, i.e. after normalisation; 0.0 is the dataset mean),
@@ -47,21 +70,24 @@ class Occlusion(PerturbationMethod):
     """
 
     name = "occlusion"
+    description = "drop of the class score when each window of the image is covered (overlaps averaged)"
+    options = (
+        Option("window", object, "16", "Occluding window in pixels: N or H,W.", parse=_pair_text),
+        Option("stride", object, None, "Step between windows: N or H,W [default: the window].", parse=_pair_text),
+        Option("baseline", object, "0", "What covers a window: a number in the model's input space (0 = dataset "
+               "mean), mean or blur.", parse=parse_baseline),
+        BATCH, OUTPUT,
+    )
 
     def __init__(self, model, window=(16, 16), stride=None, baseline=0.0, batch_size: int = 64,
                  output: str = "probs", progress: bool = False) -> None:
         super().__init__(model, output=output, batch_size=batch_size, progress=progress)
-        self.window = pair(window, "window")
-        self.stride = pair(stride if stride is not None else self.window, "stride")
-        if isinstance(baseline, str):
-            if baseline not in BASELINES:
-                try:
-                    baseline = float(baseline)
-                except ValueError:
-                    raise VitlensError(f"baseline must be a number, mean or blur; got {baseline!r}") from None
-        elif not isinstance(baseline, (int, float)):
+        self.window = _pair_text(window) if isinstance(window, str) else pair(window, "window")
+        stride = self.window if stride is None else stride
+        self.stride = _pair_text(stride) if isinstance(stride, str) else pair(stride, "stride")
+        if not isinstance(baseline, (str, int, float)) or isinstance(baseline, bool):
             raise VitlensError(f"baseline must be a number, mean or blur; got {baseline!r}")
-        self.baseline = baseline if isinstance(baseline, str) else float(baseline)
+        self.baseline = parse_baseline(baseline)
 
     @property
     def params(self) -> dict:

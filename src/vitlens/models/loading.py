@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from vitlens.errors import VitlensError
+from vitlens.images import check_tokens
 from vitlens.models import zoo
 from vitlens.models.base import VitModel
 from vitlens.models.registry import FamiliesView, find_adapter
@@ -47,6 +48,7 @@ def load_model(
     if image_size is not None and image_size < 1:
         raise VitlensError(f"--image-size must be a positive number of pixels, got {image_size}")
     model = _load(spec, weights, image_size, model_kwargs or {})
+    check_tokens(model.preprocess.size, model.patch_size)  # every family: attention memory grows with tokens^2
     if device is not None:
         model.to(_check_device(device))
     return model

@@ -382,7 +382,7 @@ def describe_folder(folder: Path) -> dict:
     the shipped two-object demo scenes and on held-out two-object scenes, add both to metrics.json and rewrite
     MODEL_CARD.md. Returns the metrics."""
     from vitlens.data.scenes import load_demo_scenes
-    from vitlens.localisation import DEFAULT_MIN_COVER, grad_rollout_in_mask
+    from vitlens.eval.localisation import DEFAULT_MIN_COVER, grad_rollout_in_mask
     from vitlens.models.loading import load_model
 
     info = json.loads((folder / "metrics.json").read_text())

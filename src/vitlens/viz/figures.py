@@ -17,6 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 from PIL import Image
 
 from vitlens.errors import VitlensError
@@ -197,6 +198,8 @@ def compare_figure(view: Image.Image, panels: Sequence[tuple[str, np.ndarray]], 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically (a failure leaves no partial file)."""
     path = Path(path)
+    for text in fig.findobj(Text):  # labels and file names are data: '$' must not start math mode
+        text.set_parse_math(False)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return path

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from vitlens.explanation import Explanation
-from vitlens.segmentation import boundaries
+from vitlens.methods.segmentation import boundaries
 from vitlens.viz.figures import MAX_COLUMNS, PANEL, _short, _wrap, new_figure, percent
 
 DIM = 0.25  # brightness kept by superpixels that are not shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from vitlens.cli.occlusion import occlusion
 from vitlens.cli.views import compare, heads, layers, swin
 from vitlens.cli.whatif import whatif
 from vitlens.errors import VitlensError
+from vitlens.models.hf import VERBOSE_ENV
 
 # click >= 8.2 raises this for a bare `vitlens`; older versions print the help themselves
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -22,8 +24,12 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="vitlens")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, default=False,
+              help="Let the libraries' own logging, warnings and progress bars through (VITLENS_VERBOSE=1).")
+def cli(verbose: bool) -> None:
     """See what a Vision Transformer looks at: attention maps, rollout, gradient rollout, LIME, occlusion."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo):

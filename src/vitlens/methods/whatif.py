@@ -323,7 +323,7 @@ def whatif(model, image: Image.Image, edits: Sequence[Edit | str], top_k: int = 
 
     ``model`` is any image classifier (see `vitlens.methods.lime.as_classifier`); images go through its
     preprocessing. Returns the table (`WhatIfResult.markdown` / `.csv`)."""
-    from vitlens.methods.lime import as_classifier
+    from vitlens.models.classifier import as_classifier
 
     if fill not in FILLS:
         raise VitlensError(f"fill must be one of {', '.join(FILLS)}; got {fill!r}")
