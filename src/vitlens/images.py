@@ -174,7 +174,7 @@ def _three(name: str, values) -> tuple[float, float, float]:
         vals, n = (), -1
     if n != 3 or len(vals) != 3 or not all(math.isfinite(v) for v in vals):
         raise VitlensError(f"{name} must be three finite numbers (one per RGB channel), got {values!r}")
-    return vals  # type: ignore[return-value]
+    return vals  # the length check above narrows it to three floats
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def top_predictions(model: Any, probs: torch.Tensor | np.ndarray | None, k: int 
     """The ``k`` most probable (label, probability) pairs of one sample, or [] without a head."""
     if probs is None or not model.has_head:
         return []
-    return top_labels(model, probs, k)
+    return top_labels(model, torch.as_tensor(probs), k)
 
 
 def check_finite(values: np.ndarray | torch.Tensor, what: str) -> None:
