@@ -41,13 +41,15 @@ class AttentionRecord:
         """Indices of the blocks whose attention was stored."""
         return [i for i, p in enumerate(self.probs) if p is not None]
 
-    def grads(self, score: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor | None]:
+    def grads(self, score: torch.Tensor, retain_graph: bool = False,
+              blocks: Sequence[int] | None = None) -> list[torch.Tensor | None]:
         """Gradients of ``score.sum()`` with respect to each stored attention-probability tensor, in block order.
 
         Samples of a batch do not interact in a ViT in eval mode, so the gradient of the summed per-sample scores
-        gives every sample its own gradient.
+        gives every sample its own gradient. ``blocks`` limits the gradients to those stored blocks (autograd then
+        walks only the graph between them and the score); the others are None.
         """
-        idx = self.captured()
+        idx = self.captured() if blocks is None else [i for i in self.captured() if i in set(blocks)]
         if not idx:
             raise VitlensError("no attention was recorded: run the model inside record(grads=True) first")
         tensors = [self._raw[i] for i in idx]

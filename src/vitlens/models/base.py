@@ -71,6 +71,25 @@ class VitModel:
         return StagePlan((self.layout(image_size),), (0,) * self.num_blocks, ())
 
     # ---- public -------------------------------------------------------------------------------------------------
+    def block_modules(self) -> list[nn.Module]:
+        """The transformer blocks, one per attention block in forward order: for each attention site, the nearest
+        module at or above it that is an item of a ``ModuleList``/``Sequential`` (timm ``blocks.i``, transformers
+        ``encoder.layer.i``, Swin stages' blocks). A block's first input and first output are its tokens (see
+        `block_tokens`, `vitlens.taps.tap_tokens`). Adapters whose blocks sit elsewhere override this."""
+        parent: dict[int, nn.Module] = {}
+        for m in self.module.modules():
+            for child in m.children():
+                parent.setdefault(id(child), m)
+        blocks = []
+        for site, _ in self._attention_sites():
+            m: nn.Module | None = site
+            while m is not None and not isinstance(parent.get(id(m)), (nn.ModuleList, nn.Sequential)):
+                m = parent.get(id(m))
+            if m is None:
+                raise VitlensError(f"cannot find the block around {type(site).__name__}: it is in no list of blocks")
+            blocks.append(m)
+        return blocks
+
     @property
     def num_blocks(self) -> int:
         """Number of attention blocks."""
@@ -130,6 +149,23 @@ class VitModel:
     def __repr__(self) -> str:
         name = type(self.module).__name__
         return f"{type(self).__name__}({name}, blocks={self.num_blocks}, classes={self.num_classes})"
+
+
+def block_tokens(value: Any) -> torch.Tensor:
+    """The token tensor in a block's first input or its output, as the model holds it: a tensor, or the first item of
+    a tuple (or of a transformers output); [B, N, C], or a Swin grid [B, H, W, C] (see `flat_tokens`). Gradients
+    must be taken with respect to this tensor, not a reshaped copy."""
+    t = value[0] if isinstance(value, (tuple, list)) else value
+    if not isinstance(t, torch.Tensor) and hasattr(t, "to_tuple"):
+        t = t.to_tuple()[0]
+    if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4):
+        raise VitlensError(f"a block passed {type(t).__name__} where tokens [B, N, C] were expected")
+    return t
+
+
+def flat_tokens(t: torch.Tensor) -> torch.Tensor:
+    """[B, N, C] tokens as they are, a Swin grid [B, H, W, C] flattened row-major to [B, H*W, C]."""
+    return t.flatten(1, 2) if t.ndim == 4 else t
 
 
 def class_probabilities(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""Tap the tokens entering or leaving chosen transformer blocks (e.g. for Grad-CAM over tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vitlens.errors import VitlensError
+from vitlens.models.base import block_tokens
+
+if TYPE_CHECKING:
+    from vitlens.models.base import VitModel
+
+WHERE = ("input", "output")
+
+
+@contextmanager
+def tap_tokens(model: VitModel, blocks: Sequence[int], where: str = "input") -> Iterator[dict[int, torch.Tensor]]:
+    """While open, every forward stores block ``i``'s tokens (its first input, or its output) in ``taps[i]``, as the
+    model holds them ([B, N, C], or Swin's [B, H, W, C]: flatten with `vitlens.models.base.flat_tokens`), still in
+    the autograd graph, so that gradients can be taken with respect to them inside ``model.record(grads=True)``.
+    Hooks are removed on exit, also after an error. Negative block indices count from the end."""
+    if where not in WHERE:
+        raise VitlensError(f"where must be one of {', '.join(WHERE)}; got {where!r}")
+    mods = model.block_modules()
+    n = len(mods)
+    bad = [b for b in blocks if not -n <= b < n]
+    if bad:
+        raise VitlensError(f"block index {bad[0]} is out of range for a model with {n} blocks; use -{n}..{n - 1}")
+    taps: dict[int, torch.Tensor] = {}
+    with ExitStack() as stack:
+        for i in sorted({b % n for b in blocks}):
+            if where == "input":
+                def pre(module: Any, args: Any, kwargs: Any, i: int = i) -> None:
+                    taps[i] = block_tokens(args if args else (kwargs.get("hidden_states"),))
+                handle = mods[i].register_forward_pre_hook(pre, with_kwargs=True)
+            else:
+                def post(module: Any, args: Any, output: Any, i: int = i) -> None:
+                    taps[i] = block_tokens(output)
+                handle = mods[i].register_forward_hook(post)
+            stack.callback(handle.remove)
+        yield taps
