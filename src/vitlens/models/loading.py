@@ -72,12 +72,7 @@ def _load(spec, weights, image_size, model_kwargs: dict) -> VitModel:
         from vitlens.models.hf import load_hf
 
         if text.startswith("vitlens:"):
-            name = text[8:]
-            found = zoo.zoo_models()
-            if name not in found:
-                have = ", ".join(found) or "none installed"
-                raise VitlensError(f"no embedded model {name!r}; available: {have} (see `vitlens models`)")
-            return load_hf(str(found[name]), image_size=image_size)
+            return load_hf(str(zoo.model_folder(text[8:])), image_size=image_size)
         if text.startswith("hf:"):
             return load_hf(text[3:], image_size=image_size)
         if Path(text).is_dir():
