@@ -43,3 +43,19 @@ def tap_tokens(model: VitModel, blocks: Sequence[int], where: str = "input") -> 
                 handle = mods[i].register_forward_hook(post)
             stack.callback(handle.remove)
         yield taps
+
+
+@contextmanager
+def gradient_pass(model: VitModel) -> Iterator[None]:
+    """While open: the model in eval mode, grad mode on and the model's input made to require grad (parameters
+    frozen meanwhile), so that gradients reach the input and any tapped tokens whatever the caller's flags were.
+    Unlike ``model.record`` it leaves fused attention kernels on (no attention is captured). Everything is restored
+    on exit, also after an error, and it nests with ``model.record``."""
+    from vitlens.capture import _grads_from_input, _hold, _restore_training
+
+    with ExitStack() as stack:
+        stack.callback(_restore_training(model.module))
+        model.module.eval()
+        stack.callback(_hold(model, "grads", lambda: _grads_from_input(model)))
+        stack.enter_context(torch.enable_grad())
+        yield

@@ -7,6 +7,7 @@ from vitlens.methods.grad_rollout import GradRollout
 from vitlens.methods.lime import Lime
 from vitlens.methods.occlusion import Occlusion
 from vitlens.methods.rollout import Rollout
+from vitlens.methods.token_gradcam import TokenGradCAM  # noqa: F401
 
 __all__ = ["METHODS", "AttentionMaps", "GradRollout", "GradientMethod", "Lime", "Method", "Occlusion", "Option",
            "PerturbationMethod", "Rollout", "register"]
