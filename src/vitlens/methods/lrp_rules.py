@@ -1,0 +1,223 @@
+"""Layer-wise relevance propagation (LRP) rules, written once over the operations transformer families are built from.
+
+The rules act on the torch operations a model's forward calls (``F.linear``, ``F.conv2d``, ``F.layer_norm``, GELU and
+other element-wise activations, softmax, the product of two activations (``q @ k^T``, ``A @ V``, gates) and the sum of
+two activations (residual adds)), intercepted by a ``TorchFunctionMode`` while the model runs, so that no model is
+rewritten: HF and timm ViT, DeiT, DINOv2, BEiT and Swin run their own code.
+
+Formulation: "gradient x input". The backward pass carries a modified gradient g_t at every tensor t, and the relevance
+of t is ``t * g_t``. Linear operations (reshapes, concatenation, token selection, pooling, scaling by constants such
+as LayerScale, the attention scale) need no rule: their ordinary gradient keeps ``sum(t * g_t)`` (the z-rule).
+Additive constants (biases, position embeddings, the CLS token, relative-position biases) absorb the relevance
+``constant * g`` that the z-rule assigns them. Each intercepted operation returns its exact forward value, wrapped in
+an autograd function whose backward is either the ordinary gradient or the rule: ``LRPMode.relevance()`` switches a
+flag, so one forward serves both a plain gradient pass and a relevance pass (retain the graph between them).
+
+Rule sets (`LRPRules`):
+
+- `CHEFER` (Chefer, Gur, Wolf, CVPR 2021, as in their code): Linear: alpha=1, beta=0 (z+: only positive contributions
+  w_kj x_j > 0, bias excluded, denominator + 1e-9); LayerNorm, activations and softmax: identity (R_in = R_out per
+  element); products of two activations: z-rule, each operand half; sums of two activations (residual adds): z-rule
+  split, then both parts rescaled so that their totals are in proportion |sum R_a| : |sum R_b| and add up to sum R_z
+  (their ``Add`` rule; we sum per sample where their code sums over the batch).
+- `ATTNLRP` (Achtibat et al., ICML 2024): Linear and patch convolution: epsilon rule (z + eps * sign(z)); LayerNorm:
+  identity rule on the normalisation (the standard deviation is a constant, the centring and affine map are linear);
+  activations: identity; softmax: the paper's rule R_in = x * (R_out - s * sum R_out), which is exactly its gradient
+  x input; products of two activations: uniform rule (half each); residual adds: z-rule (conserving).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from vitlens.errors import VitlensError
+
+TINY = 1e-9  # Chefer's safe_divide stabiliser
+
+
+@dataclass(frozen=True)
+class LRPRules:
+    """Which rule each kind of operation gets (see the module docstring)."""
+
+    name: str
+    linear: str  # "epsilon" (z-rule when epsilon = 0) or "alpha1beta0"
+    norm: str  # "identity" (R_in = R_out) or "attnlrp" (constant standard deviation)
+    softmax: str  # "identity" or "gradient" (AttnLRP's softmax rule)
+    add: str  # "gradient" (z-rule) or "chefer" (z-rule, then |.|-proportional rescaling)
+    epsilon: float = 0.0
+
+
+CHEFER = LRPRules("transformer_attribution", linear="alpha1beta0", norm="identity", softmax="identity", add="chefer")
+
+
+def attnlrp_rules(epsilon: float = 1e-6) -> LRPRules:
+    """AttnLRP's rules with stabiliser ``epsilon`` on linear layers."""
+    return LRPRules("attnlrp", linear="epsilon", norm="attnlrp", softmax="gradient", add="gradient", epsilon=epsilon)
+
+
+_ADD = {"add", "__add__", "__radd__"}
+_MATMUL = {"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum"}
+_MUL = {"mul", "__mul__", "__rmul__"}
+_ACTIVATIONS = {"gelu", "relu", "silu", "sigmoid", "tanh", "quick_gelu"}
+_SOFTMAX = {"softmax"}
+# non-linear operations without a rule here: a model that applies them to activations is refused, not explained wrongly
+_UNSUPPORTED = {"scaled_dot_product_attention", "exp", "log", "sqrt", "rsqrt", "pow", "__pow__", "normalize",
+                "rms_norm", "group_norm", "amax", "max", "__truediv__", "div", "__rtruediv__", "reciprocal", "erf",
+                "abs", "square"}
+
+
+def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """z + eps * sign(z), with sign(0) = +1 (so that the result is never 0 when eps > 0)."""
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def _ratio(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y / x for the identity rule (R_x = R_y): 0 where x is exactly 0 (the relevance x * g is 0 there anyway)."""
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    return torch.where(x == 0, torch.zeros_like(y), y / safe)
+
+
+class _Switch(torch.autograd.Function):
+    """Returns ``y`` (the op's exact output, with its own graph); backward is the ordinary gradient (sent into y's
+    graph) or, in a relevance pass, ``rule(g)``, which returns the gradient for y (or None) and for each input."""
+
+    @staticmethod
+    def forward(ctx, mode: LRPMode, rule: Callable, y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.mode, ctx.rule, ctx.n = mode, rule, len(inputs)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple:
+        if not ctx.mode.lrp:
+            return (None, None, g) + (None,) * ctx.n
+        gy, gxs = ctx.rule(g)
+        return (None, None, gy, *gxs)
+
+
+def _grad(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+class LRPMode(TorchFunctionMode):
+    """While active, the operations named in the module docstring get switchable LRP backwards (see `lrp_mode`)."""
+
+    def __init__(self, rules: LRPRules, what: str) -> None:
+        super().__init__()
+        self.rules, self.what = rules, what
+        self.lrp = False
+        self._abs: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def relevance(self) -> Iterator[None]:
+        """Backward passes inside this block propagate relevance instead of gradients."""
+        self.lrp = True
+        try:
+            yield
+        finally:
+            self.lrp = False
+
+    def _wrap(self, rule: Callable, y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return _Switch.apply(self, rule, y, *inputs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if not isinstance(out, torch.Tensor) or not out.requires_grad or not out.is_floating_point():
+            return out
+        if name == "linear" or name == "conv2d":
+            return self._linear(name, out, *args, **kwargs)
+        if name == "layer_norm":
+            return self._layer_norm(out, *args, **kwargs)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        active = [t for t in tensors if t.requires_grad]
+        if name in _ACTIVATIONS or (name in _SOFTMAX and self.rules.softmax == "identity"):
+            x = active[0]
+            return self._wrap(lambda g: (None, (g * _ratio(out, x),)), out, x)
+        if name in _SOFTMAX:
+            return out  # AttnLRP's softmax rule is gradient x input
+        if len(active) == 2 and (name in _MATMUL or name in _MUL):  # q @ k^T, A @ V, gates: half to each operand
+            return self._wrap(lambda g: (g * 0.5, ()), out)
+        if len(active) == 2 and name in _ADD and self.rules.add == "chefer":
+            return self._chefer_add(out, *active)
+        if name in _UNSUPPORTED and active and not (name in {"__truediv__", "div"} and not _grad(args[1])):
+            raise VitlensError(f"{self.rules.name} has no LRP rule for the operation {name!r} that {self.what} applies "
+                               "to activations; use a method without LRP rules (grad_rollout, gae) for this model")
+        return out
+
+    # ---- rules ----------------------------------------------------------------------------------------------------
+    def _linear(self, name: str, out: torch.Tensor, x, weight=None, bias=None, *rest, **kw) -> torch.Tensor:
+        if not _grad(x):
+            return out
+        if self.rules.linear == "alpha1beta0" and name == "linear":
+            w = weight
+            key = id(w)
+            if key not in self._abs:
+                self._abs[key] = w.abs()
+            w_abs = self._abs[key]
+
+            def z_plus(g: torch.Tensor) -> tuple:
+                wx = out if bias is None else out - bias
+                z = 0.5 * (wx + torch.nn.functional.linear(x.abs(), w_abs))  # sum_j (w_kj x_j)^+
+                s = (out * g) / (z + TINY) * (z != 0)  # R_y / Z+
+                gx = 0.5 * (s @ w + torch.sign(x) * (s @ w_abs))  # (W+ s where x > 0, W- s where x < 0)
+                return None, (gx,)
+
+            return self._wrap(z_plus, out, x)
+        eps = self.rules.epsilon
+        if eps == 0:
+            return out
+        return self._wrap(lambda g: (g * (out / _stab(out, eps)), ()), out)
+
+    def _layer_norm(self, out: torch.Tensor, x, normalized_shape, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
+        if not _grad(x):
+            return out
+        if self.rules.norm == "identity":
+            return self._wrap(lambda g: (None, (g * _ratio(out, x),)), out, x)
+        dims = tuple(range(-len(tuple(normalized_shape)), 0))
+
+        def constant_std(g: torch.Tensor) -> tuple:
+            std = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+            gw = g if weight is None else g * weight
+            return None, ((gw - gw.mean(dims, keepdim=True)) / std,)
+
+        return self._wrap(constant_std, out, x)
+
+    def _chefer_add(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape != out.shape or b.shape != out.shape:
+            return out  # a broadcast sum (e.g. a bias-like term): z-rule
+
+        def rescale(g: torch.Tensor) -> tuple:
+            ra = (a * g).flatten(1).sum(1)
+            rb = (b * g).flatten(1).sum(1)
+            total = ra + rb
+            share = ra.abs() + rb.abs()
+            fa = _safe_div(_safe_div(ra.abs(), share) * total, ra)
+            fb = _safe_div(_safe_div(rb.abs(), share) * total, rb)
+            shape = (-1,) + (1,) * (g.ndim - 1)
+            return None, (g * fa.view(shape), g * fb.view(shape))
+
+        return self._wrap(rescale, out, a, b)
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Chefer's safe_divide: a / (b + 1e-9), 0 where b == 0."""
+    return a / (b + TINY) * (b != 0)
+
+
+@contextmanager
+def lrp_mode(rules: LRPRules, what: str = "the model") -> Iterator[LRPMode]:
+    """Context manager: forwards run inside it build a graph whose backward is switchable to ``rules``.
+
+    ``with lrp_mode(CHEFER) as mode: y = model(x)``; then ``torch.autograd.grad(...)`` gives ordinary gradients and,
+    inside ``with mode.relevance():``, relevance-propagating ones (relevance of t = t * grad of t).
+    """
+    mode = LRPMode(rules, what)
+    with mode:
+        yield mode
