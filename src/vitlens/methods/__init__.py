@@ -4,6 +4,7 @@ from vitlens.methods.attention import AttentionMaps
 from vitlens.methods.attnlrp import AttnLRP  # noqa: F401
 from vitlens.methods.base import METHODS, GradientMethod, Method, Option, PerturbationMethod, register
 from vitlens.methods.gae import GenericAttention  # noqa: F401
+from vitlens.methods.flow import AttentionFlow  # noqa: F401
 from vitlens.methods.grad_rollout import GradRollout
 from vitlens.methods.lime import Lime
 from vitlens.methods.occlusion import Occlusion
