@@ -7,7 +7,7 @@ from PIL import Image
 
 import vitlens
 from factories import hf_vit
-from vitlens.localisation import grad_rollout_in_mask, mask_cover, max_in_mask
+from vitlens.eval.localisation import grad_rollout_in_mask, mask_cover, max_in_mask
 
 
 def test_mask_cover_by_hand():
