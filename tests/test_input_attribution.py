@@ -12,7 +12,7 @@ from test_swin import _build as build_swin
 from vitlens.errors import VitlensError
 
 pytest.importorskip("captum", reason="captum (test extra) not installed")
-from vitlens.methods.input_attribution import IntegratedGradients, InputXGradient, Saliency  # noqa: E402
+from vitlens.methods.input_attribution import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
 
 
 def _tiny(depth=2):

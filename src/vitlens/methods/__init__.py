@@ -6,6 +6,7 @@ from vitlens.methods.base import METHODS, GradientMethod, Method, Option, Pertur
 from vitlens.methods.gae import GenericAttention  # noqa: F401
 from vitlens.methods.flow import AttentionFlow  # noqa: F401
 from vitlens.methods.grad_rollout import GradRollout
+from vitlens.methods.input_attribution import InputXGradient, IntegratedGradients, Saliency  # noqa: F401
 from vitlens.methods.legrad import LeGrad  # noqa: F401
 from vitlens.methods.lime import Lime
 from vitlens.methods.occlusion import Occlusion
