@@ -32,7 +32,7 @@ def max_in_mask(maps: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarra
     maps = torch.as_tensor(maps)
     if maps.ndim != 3 or len(maps) != len(masks):
         raise VitlensError(f"maps must be [B, gh, gw] with one mask each, got {tuple(maps.shape)} and {len(masks)}")
-    cover = mask_cover(masks, tuple(maps.shape[1:])).to(maps.device)
+    cover = mask_cover(masks, (maps.shape[1], maps.shape[2])).to(maps.device)
     top = maps.flatten(1).argmax(1)
     return cover.flatten(1).gather(1, top[:, None])[:, 0] >= min_cover
 

@@ -31,7 +31,7 @@ class TokenDropper:
                                f"ViTForImageClassification; got {name}. Use hide='mean' or 'blur'")
         self.module = module
         with torch.no_grad():
-            x = image[None]
+            x = image[None] if image.ndim == 3 else image  # one image, or a batch whose rows __call__ pairs with
             if self.kind == "timm":
                 tok = module._pos_embed(module.patch_embed(x))  # timm's own position embedding (private API)
                 tok = module.norm_pre(module.patch_drop(tok))
@@ -43,9 +43,10 @@ class TokenDropper:
         self.num_patches = tok.shape[1] - self.num_prefix
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
-        """Logits for samples ``keep`` [n, N] (bool per patch) that all keep the same number of patches."""
+        """Logits for samples ``keep`` [n, N] (bool per patch) that all keep the same number of patches (zero too);
+        built from a batch of B images, sample i is image i (n == B)."""
         n = keep.shape[0]
-        idx = keep.nonzero()[:, 1].view(n, -1) + self.num_prefix
+        idx = keep.nonzero()[:, 1].view(n, int(keep[0].sum())) + self.num_prefix
         prefix = torch.arange(self.num_prefix, device=keep.device).expand(n, -1)
         idx = torch.cat([prefix, idx], 1)
         tok = self.tokens.expand(n, -1, -1).gather(1, idx[..., None].expand(-1, -1, self.tokens.shape[-1]))

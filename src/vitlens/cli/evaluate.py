@@ -1,0 +1,107 @@
+"""`vitlens evaluate`: faithfulness, localisation and sanity scores of methods (and three baseline maps) on images
+with ground truth; resumable per-image CSV, a markdown table of means with 95% bootstrap intervals, curve plots."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vitlens.cli.common import echo_notes, load, model_options
+from vitlens.cli.outputs import write_all
+from vitlens.errors import VitlensError
+
+CSV_NAME = "scores.csv"
+TABLE_NAME = "table.md"
+
+
+def _names(text: str | None, known: list[str], what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise VitlensError(f"--{what} is empty; give a comma-separated list of {', '.join(known)}")
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise VitlensError(f"unknown {what[:-1]} {bad[0]!r}; use one of {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+@click.command()
+@model_options
+@click.option("--data", required=True, metavar="scenes|FOLDER",
+              help="'scenes' (held-out two-object scenes with masks) or a folder of NAME.png with NAME.mask.png "
+                   "and/or NAME.json boxes.")
+@click.option("--methods", default=None, metavar="A,B,...",
+              help="Registered methods to evaluate [default: every attention/gradient method that applies]. The "
+                   "baselines random, gaussian and cls_attention are always added.")
+@click.option("--metrics", default=None, metavar="A,B,...",
+              help="positive,negative,deletion,insertion,pointing,energy,segmentation,sanity [default: all].")
+@click.option("--n", "n", type=click.IntRange(min=1, max=1_000_000), default=500, show_default=True,
+              help="Images to evaluate (the first N).")
+@click.option("--out", required=True, metavar="DIR", help="Output folder (a run there with the same options resumes).")
+@click.option("--baseline", type=click.Choice(["zero", "mean", "blur", "drop"]), default="zero", show_default=True,
+              help="What replaces removed patches: 0 after normalisation, the image mean, a blur, or dropped tokens.")
+@click.option("--targets", default="pred,gt", show_default=True, metavar="pred,gt",
+              help="Explain the predicted class, each ground-truth class, or both.")
+@click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=16, show_default=True,
+              help="Images per batch (one CSV append each).")
+@click.option("--forward-batch", type=click.IntRange(min=1, max=65536), default=256, show_default=True,
+              help="Perturbed images per forward pass.")
+@click.option("--sanity-blocks", type=click.IntRange(min=1), default=None,
+              help="Blocks re-initialised from the top for the sanity test [default: all].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline and re-init.")
+def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, image_size: int | None, device: str,
+             data: str, methods: str | None, metrics: str | None, n: int, out: str, baseline: str, targets: str,
+             batch_size: int, forward_batch: int, sanity_blocks: int | None, seed: int) -> None:
+    """Score explanation methods against each other and three baseline maps, and print the table."""
+    from vitlens.cli.methods import map_methods
+    from vitlens.eval.data import load_samples
+    from vitlens.eval.explainers import BASELINE_MAPS, explainers
+    from vitlens.eval.metrics import METRICS, make_metrics
+    from vitlens.eval.run import TARGET_KINDS, evaluate as run_eval, header
+    from vitlens.eval.store import ResumableCSV
+    from vitlens.eval.summary import curve_figures, markdown, summary
+    from vitlens.methods import METHODS
+    from vitlens.viz.figures import save_figure
+
+    kinds = _names(targets, list(TARGET_KINDS), "targets") or list(TARGET_KINDS)
+    metric_names = _names(metrics, list(METRICS), "metrics") or list(METRICS)
+    method_names = _names(methods, [*METHODS, *BASELINE_MAPS], "methods")
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise VitlensError(f"--out {out} is a file; give a folder")
+    model = load(model_spec, weights, timm_kwargs, image_size, device)
+    if method_names is None:
+        method_names = [k for k, m in map_methods().items() if m.applies_to(model)]
+    exps = explainers(model, method_names, seed)
+    echo_notes([f"note: {e.note}" for e in exps if e.note])
+    samples = load_samples(model, data, n)
+    if sanity_blocks is not None and sanity_blocks > model.num_blocks:
+        raise VitlensError(f"--sanity-blocks {sanity_blocks} exceeds the model's {model.num_blocks} blocks")
+    mets = make_metrics(metric_names, baseline=baseline, forward_batch=forward_batch, sanity_blocks=sanity_blocks,
+                        seed=seed)
+    settings: dict[str, Any] = {"model": model_spec, "weights": weights, "timm_kwargs": timm_kwargs,
+                                "image_size": image_size, "data": data, "n": len(samples),
+                                "methods": [e.name for e in exps], "metrics": metric_names, "baseline": baseline,
+                                "targets": kinds, "batch_size": batch_size, "sanity_blocks": sanity_blocks,
+                                "seed": seed}
+    store = ResumableCSV(folder / CSV_NAME, header(mets), settings)
+    if store.done:
+        click.echo(f"resuming: {len(store.done)} of {len(samples)} images already scored"
+                   + (f" ({store.dropped} incomplete rows dropped)" if store.dropped else ""), err=True)
+    run_eval(model, samples, exps, mets, store, batch_size=batch_size, kinds=kinds, progress=True)
+    rows = store.read()
+    names = [e.name for e in exps]
+    notes = [f"model {model_spec}, data {data}, {len(samples)} images, removal baseline '{baseline}'",
+             "means with 95% bootstrap intervals (1000 resamples); arrows: higher or lower is better",
+             *[e.note for e in exps if e.note]]
+    table = markdown(summary(rows, mets, names), mets, "vitlens evaluate", notes)
+    figs = curve_figures(rows, mets, names)
+    outputs: list[tuple[str | Path, Any]] = [(folder / TABLE_NAME, lambda p: Path(p).write_text(table))]
+    outputs += [(folder / f"{stem}.png", partial(save_figure, fig)) for stem, fig in figs.items()]
+    write_all(outputs)
+    click.echo(table)
+    click.echo(f"wrote {folder / CSV_NAME}, {folder / TABLE_NAME} and {len(figs)} plots to {folder}")
