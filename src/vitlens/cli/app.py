@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import click
 
 from vitlens.cli.demo import demo
+from vitlens.cli.evaluate import evaluate
 from vitlens.cli.explain import explain
 from vitlens.cli.lime import lime
 from vitlens.cli.models import models
@@ -32,7 +33,7 @@ def cli(verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
-for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo):
+for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate):
     cli.add_command(_command)
 
 

@@ -61,7 +61,8 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     from vitlens.eval.data import load_samples
     from vitlens.eval.explainers import BASELINE_MAPS, explainers
     from vitlens.eval.metrics import METRICS, make_metrics
-    from vitlens.eval.run import TARGET_KINDS, evaluate as run_eval, header
+    from vitlens.eval.run import TARGET_KINDS, header
+    from vitlens.eval.run import evaluate as run_eval
     from vitlens.eval.store import ResumableCSV
     from vitlens.eval.summary import curve_figures, markdown, summary
     from vitlens.methods import METHODS
