@@ -36,6 +36,7 @@ def lime(image: str, model_spec: str, weights: str | None, timm_kwargs: str | No
     assert isinstance(method, Lime)
     path, view = one_image(image, model)
     exp = method.explain(model.preprocess.tensor(view)[None])
+    assert exp.probs is not None  # LIME always fills the probabilities
     check_finite(exp.extras["class_weights"], "the LIME weights")
     fig = lime_figure(view, exp, partial(label_of, model), top=top, num_features=num_features)
     for rank, (lbl, p) in enumerate(top_predictions(model, exp.probs[0], k=top), 1):

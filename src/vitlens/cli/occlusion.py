@@ -34,6 +34,7 @@ def occlusion(image: str, model_spec: str, weights: str | None, timm_kwargs: str
     t = resolve_target(model, target)
     path, view = one_image(image, model)
     exp = method.explain(model.preprocess.tensor(view)[None], target=t)
+    assert exp.target is not None and exp.probs is not None  # Occlusion always fills both
     cls = int(exp.target[0])
     check_finite(exp.maps[0], "the occlusion map")
     title = (f"occlusion for '{label_of(model, cls)}': probability drop, window {method.window}, "

@@ -54,7 +54,7 @@ def whatif(image: str, model_spec: str, weights: str | None, timm_kwargs: str | 
     result = run_whatif(model, picture, edits, top_k=top_k, fill=fill)
     fig = whatif_figure(result, f"What-if edits on {paths[0].name} (hole filled by {fill})")
     table = result.markdown()
-    inputs = [paths[0], *([edits_file] if edits_file else [])]
+    inputs: list[str | Path] = [paths[0], *([edits_file] if edits_file else [])]
     write_all([(dest, partial(save_figure, fig)), (tables[0], partial(_write_text, result.csv())),
                (tables[1], partial(_write_text, table))], inputs)
     click.echo(table, nl=False)

@@ -183,6 +183,8 @@ class PerturbationMethod(Method):
 
     families = (ANY_FAMILY,)
     class_specific = True
+    output: str
+    batch_size: int
 
     def __init__(self, model, output: str = "probs", batch_size: int = 64, progress: bool = False) -> None:
         from vitlens.models.classifier import as_classifier

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from vitlens.explanation import Explanation
-from vitlens.methods.base import GradientMethod, Images, Target, register
+from vitlens.methods.base import GradientMethod, Images, Option, Target, register
 from vitlens.methods.rollout import DISCARD, NORMALIZE, PER_LAYER, RESIDUAL, START, Rollout
 
 
@@ -21,7 +23,8 @@ class GradRollout(GradientMethod, Rollout):
 
     name = "grad_rollout"
     description = "rollout of the per-block attention weighted by its gradient (clamped at 0, mean over heads)"
-    options = (DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER)
+    options: ClassVar[tuple[Option, ...]] = (DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER)
+    start_layer: int
 
     def __init__(self, model, discard_ratio: float = 0.0, start_layer: int = 0, residual_weight: float = 0.5,
                  normalize: bool = True, per_layer: bool = False) -> None:

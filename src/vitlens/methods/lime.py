@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import cast
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def parse_hide(hide) -> str | tuple[float, float, float]:
         values = values * 3
     if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
         raise VitlensError(f"hide colour must be a grey level or R,G,B with values in [0, 1]; got {hide!r}")
-    return tuple(values)  # type: ignore[return-value]
+    return tuple(values)
 
 
 # ---- the surrogate --------------------------------------------------------------------------------------------------
@@ -140,6 +141,12 @@ class Lime(PerturbationMethod):
         Option("alpha", float, 1.0, "Ridge penalty of the surrogate.", lo=0.0, hi=1e6, cli=False),
         OUTPUT,
     )
+    segmentation: str
+    n_segments: int
+    num_samples: int
+    kernel_width: float
+    seed: int
+    alpha: float
 
     def __init__(self, model, segmentation: str = "slic", n_segments: int = 50, num_samples: int = 1000,
                  batch_size: int = 64, kernel_width: float = 0.25, hide="mean", seed: int = 0, alpha: float = 1.0,
@@ -188,7 +195,7 @@ class Lime(PerturbationMethod):
             return (sums / counts[:, None])[segments].permute(2, 0, 1)
         if self.hide == "blur":
             return gaussian_blur(x, max(x.shape[-2:]) / 20.0)
-        return self.colour(self.hide, x).expand_as(x)
+        return self.colour(cast(tuple[float, float, float], self.hide), x).expand_as(x)
 
     def sample_scores(self, x: torch.Tensor, segments: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Scores [N, C] (float64, CPU) of the perturbed images for masks ``z`` [N, S]."""
@@ -210,6 +217,7 @@ class Lime(PerturbationMethod):
                         out = torch.zeros(n, y.shape[1], dtype=torch.float64) if out is None else out
                         out[r] = y
                         bar.update(r.numel())
+                assert out is not None  # z has at least one row
                 return out
             zf = z.to(x.device, x.dtype)
             flat = segments.reshape(-1)
@@ -221,6 +229,7 @@ class Lime(PerturbationMethod):
                 out = torch.zeros(n, y.shape[1], dtype=torch.float64) if out is None else out
                 out[s : s + y.shape[0]] = y
                 bar.update(y.shape[0])
+        assert out is not None  # z has at least one row
         return out
 
     def explain_one(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ class Edit:
     def __str__(self) -> str:
         box = ",".join(str(v) for v in self.box)
         if self.kind == "move":
+            assert self.to is not None  # __post_init__ requires a destination for a move
             return f"move:{box}:{self.to[0]},{self.to[1]}"
         if self.kind == "scale":
             return f"scale:{box}:{self.factor:g}"
@@ -95,9 +97,10 @@ def parse_edit(text: str) -> Edit:
     expected = {"move": (3,), "scale": (3,), "split": (2, 3)}[kind]
     if len(parts) not in expected:
         raise VitlensError(f"malformed edit {text!r}; use {SYNTAX}")
-    box = _ints(parts[1], 4, "the box X0,Y0,X1,Y1", text)
+    # _ints checked the lengths: 4 for the box, 2 for a destination
+    box = cast("tuple[int, int, int, int]", _ints(parts[1], 4, "the box X0,Y0,X1,Y1", text))
     if kind == "move":
-        return Edit(kind, box, to=_ints(parts[2], 2, "the destination TO_X,TO_Y", text))
+        return Edit(kind, box, to=cast("tuple[int, int]", _ints(parts[2], 2, "the destination TO_X,TO_Y", text)))
     if kind == "scale":
         try:
             factor = float(parts[2])
@@ -167,12 +170,14 @@ def check_edit(edit: Edit, size: tuple[int, int]) -> Edit:
         raise VitlensError(_short(f"edit {edit}", 120) + f": box ({_short(x0, 24)},{_short(y0, 24)})-"
                            f"({_short(x1, 24)},{_short(y1, 24)}) is outside the {w}x{h} image")
     if edit.kind == "scale":
+        assert edit.factor is not None  # Edit.__post_init__ requires a factor for a scale
         bw, bh = edit.size
         if round(bw * edit.factor) * round(bh * edit.factor) > max_pixels():
             raise VitlensError(f"edit {edit}: the scaled region would exceed {max_pixels()} pixels ({MAX_PIXELS_ENV});"
                                " use a smaller factor or box")
     if edit.kind == "move":
         bw, bh = edit.size
+        assert edit.to is not None  # Edit.__post_init__ requires a destination for a move
         tx, ty = edit.to
         if tx < 0 or ty < 0 or tx + bw > w or ty + bh > h:
             raise VitlensError(_short(f"edit {edit}", 120) + f": the moved region falls outside the {w}x{h} image")
@@ -233,8 +238,10 @@ def apply_edit(image: Image.Image, edit: Edit, fill: str = "blur") -> Image.Imag
     hole[y0:y1, x0:x1] = True
     out = fill_hole(arr, hole, fill, sigma=max(bw, bh) / 2.0)
     if edit.kind == "move":
+        assert edit.to is not None  # Edit.__post_init__ requires a destination for a move
         _paste(out, patch, edit.to[0], edit.to[1])
     elif edit.kind == "scale":
+        assert edit.factor is not None  # Edit.__post_init__ requires a factor for a scale
         nw, nh = max(1, round(bw * edit.factor)), max(1, round(bh * edit.factor))
         region = Image.fromarray(np.round(patch).astype(np.uint8)).resize((nw, nh), Image.Resampling.BILINEAR)
         cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
@@ -284,7 +291,7 @@ class WhatIfResult:
         """One dict per image: name, edit, top-k labels and probabilities, probability of the original's top-1."""
         out = []
         for r in self.rows:
-            rec = {"image": r.name, "edit": str(r.edit) if r.edit else ""}
+            rec: dict[str, str | float] = {"image": r.name, "edit": str(r.edit) if r.edit else ""}
             for k, (lbl, p) in enumerate(r.top, 1):
                 rec[f"top{k}"], rec[f"p{k}"] = lbl, round(float(p), 6)
             rec[f"p({self.reference})"] = round(float(r.probs[self.reference_index]), 6)
@@ -349,7 +356,7 @@ def whatif(model, image: Image.Image, edits: Sequence[Edit | str], top_k: int = 
     k = min(top_k, p.shape[1])
     ref = int(p[0].argmax())
     result = WhatIfResult(reference=label_of(model, ref), reference_index=ref)
-    for i, (img, e) in enumerate(zip(images, [None, *parsed])):
+    for i, (img, edit) in enumerate(zip(images, [None, *parsed])):
         top = top_labels(model, p[i], k)
-        result.rows.append(WhatIfRow("original" if e is None else f"edit {i}", e, img, top, p[i]))
+        result.rows.append(WhatIfRow("original" if edit is None else f"edit {i}", edit, img, top, p[i]))
     return result
