@@ -20,12 +20,13 @@ _WHERE = {
     "Rollout": "vitlens.methods", "Lime": "vitlens.methods", "Occlusion": "vitlens.methods",
     "VitModel": "vitlens.models", "load_model": "vitlens.models", "wrap": "vitlens.models",
     "apply_edit": "vitlens.methods.whatif", "parse_edit": "vitlens.methods.whatif", "whatif": "vitlens.methods.whatif",
+    "report": "vitlens.viz.report",
 }
 
 __all__ = [
     "METHODS", "AttentionMaps", "AttentionRecord", "Explanation", "GradRollout", "Lime", "Occlusion", "Preprocess",
     "Rollout", "TokenLayout", "VitModel", "VitlensError", "apply_edit", "load_image", "load_model", "parse_edit",
-    "record", "whatif", "wrap",
+    "record", "report", "whatif", "wrap",
 ]
 
 
@@ -50,3 +51,4 @@ if TYPE_CHECKING:
     from vitlens.methods import METHODS, AttentionMaps, GradRollout, Lime, Occlusion, Rollout
     from vitlens.methods.whatif import apply_edit, parse_edit, whatif
     from vitlens.models import VitModel, load_model, wrap
+    from vitlens.viz.report import report

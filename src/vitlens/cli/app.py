@@ -14,6 +14,7 @@ from vitlens.cli.explain import explain
 from vitlens.cli.lime import lime
 from vitlens.cli.models import models
 from vitlens.cli.occlusion import occlusion
+from vitlens.cli.report import report
 from vitlens.cli.views import compare, heads, layers, swin
 from vitlens.cli.whatif import whatif
 from vitlens.errors import VitlensError
@@ -33,7 +34,7 @@ def cli(verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
-for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate):
+for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate, report):
     cli.add_command(_command)
 
 

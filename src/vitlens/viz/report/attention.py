@@ -40,12 +40,14 @@ class BlockAttention:
         sizes = np.bincount(self.groups)
         return sizes[self.groups]
 
-    def dense(self) -> np.ndarray:
-        """[H, N, N] attention with zeros outside each token's group (an oracle for tests and small models)."""
+    def dense(self, values: np.ndarray | None = None) -> np.ndarray:
+        """[H, N, N] attention (``values`` [H, E] in place of the captured ones, when given) with zeros outside each
+        token's group."""
+        values = self.values if values is None else values
         n = self.tokens
-        out = np.zeros((self.heads, n, n), np.float32)
+        out = np.zeros((self.heads, n, n), values.dtype)
         rows, cols = group_entries(self.groups)
-        out[:, rows, cols] = self.values
+        out[:, rows, cols] = values
         return out
 
 

@@ -5,17 +5,27 @@ from __future__ import annotations
 import base64
 import html
 import io
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vitlens.errors import VitlensError
 from vitlens.models.base import VitModel, top_labels
-from vitlens.viz.report.attention import ENCODINGS, CapturedAttention, Quantised, capture, quantise
+from vitlens.viz.report.attention import (
+    ENCODINGS,
+    BlockAttention,
+    CapturedAttention,
+    Quantised,
+    capture,
+    dequantise,
+    quantise,
+)
 from vitlens.viz.report.maps import MethodMaps, check_method_names, method_maps, quantise_map
 from vitlens.viz.report.page import pack, render
 
@@ -32,6 +42,15 @@ class Report:
     html: str
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    _stored: tuple[list[BlockAttention], Quantised] | None = field(default=None, repr=False)
+
+    def stored_attention(self) -> list[torch.Tensor]:
+        """Per block, the attention [H, N, N] (float64) exactly as the page reads it back from its codes: zeros
+        outside each token's window. The page's rollout equals the library's on these matrices."""
+        if self._stored is None:
+            raise VitlensError("this report holds no attention")
+        blocks, q = self._stored
+        return [torch.from_numpy(b.dense(values)) for b, values in zip(blocks, dequantise(q, blocks))]
 
     @property
     def nbytes(self) -> int:
@@ -103,9 +122,14 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
     }
     fixed = _fixed_segments(got, computed, classes, base)
     page, q = "", None
-    for bits, floor in ENCODINGS:
+    rest = 0
+    for i, (bits, floor) in enumerate(ENCODINGS):
         q = quantise(got.blocks, bits, floor)
+        last = i == len(ENCODINGS) - 1
+        if max_bytes is not None and rest and not last and rest + _estimate(q.codes) > 1.1 * max_bytes:
+            continue  # clearly too large: skip rendering it
         page = _page(base, fixed, q)
+        rest = len(page.encode("utf-8")) - _estimate(q.codes)
         if max_bytes is None or len(page.encode("utf-8")) <= max_bytes:
             break
     assert q is not None
@@ -115,7 +139,7 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
     if max_bytes is not None and info["bytes"] > max_bytes:
         notes.append(f"note: the report is {info['bytes'] / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB asked for, "
                      "even with the coarsest attention encoding")
-    return Report(page, info, notes)
+    return Report(page, info, notes, (got.blocks, q))
 
 
 def _classes(model: VitModel, got: CapturedAttention, top_k: int) -> list[dict]:
@@ -162,6 +186,16 @@ def _fixed_segments(got: CapturedAttention, computed: list[MethodMaps], classes:
         lut = colormap(name)(np.linspace(0.0, 1.0, 256))[:, :3]
         segments.append((f"cmap:{name}", np.clip(np.rint(lut * 255), 0, 255).astype(np.uint8).reshape(-1)))
     return segments
+
+
+def _estimate(codes: np.ndarray, chunks: int = 32, chunk: int = 1 << 15) -> int:
+    """About how many base64 bytes the deflated codes take, from a sample of ``chunks`` spread-out pieces."""
+    data = codes.tobytes()
+    if len(data) <= chunks * chunk:
+        return len(base64.b64encode(zlib.compress(data, 6)))
+    step = len(data) // chunks
+    sample = b"".join(data[k * step:k * step + chunk] for k in range(chunks))
+    return int(len(zlib.compress(sample, 6)) * len(data) / len(sample) * 4 / 3)
 
 
 def _page(base: dict, fixed: list[tuple[str, np.ndarray]], q: Quantised) -> str:

@@ -54,8 +54,8 @@ def check_method_names(names: Sequence[str], model: VitModel) -> tuple[list[str]
 def method_maps(model: VitModel, x: torch.Tensor, name: str, classes: Sequence[int],
                 options: dict[str, Any] | None = None) -> MethodMaps:
     """Maps of the registered method ``name`` on ``x`` [1, 3, H, W]: one per class of ``classes`` when it is
-    class-specific, else one. LIME fits every class at once, so it runs once and each class's map is painted from
-    its own weights as `Lime` paints the target's."""
+    class-specific (one batch holding the image once per class), else one. LIME fits every class at once, so it
+    runs once and each class's map is painted from its own weights as `Lime` paints the target's."""
     from vitlens.methods import METHODS
 
     cls = METHODS[name]
@@ -72,8 +72,10 @@ def method_maps(model: VitModel, x: torch.Tensor, name: str, classes: Sequence[i
             painted = weights[c][segs].clamp_min(0).float()
             out.maps[c] = _as_map(max_normalize(painted[None])[0])
         return out
-    for c in classes:
-        out.maps[c] = _as_map(method.explain(x, target=c).maps[0])
+    # one batch: the image once per class, each with its own target (samples of a batch do not interact)
+    maps = method.explain(x.expand(len(classes), *x.shape[1:]), target=list(classes)).maps
+    for c, m in zip(classes, maps):
+        out.maps[c] = _as_map(m)
     return out
 
 

@@ -1,0 +1,189 @@
+"""The report's data without a browser: lossless capture of every block's rows (ViT and Swin windows), per-row
+quantisation against hand-worked codes, the size budget for a random-weight ViT-B/16, escaping, LIME's per-class
+maps, the CLI, and Jupyter's inline view. (tests/test_report_browser.py checks the page itself.)"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import factories
+from test_swin import hf_swin
+from vitlens.errors import VitlensError
+from vitlens.methods import Lime
+from vitlens.models.loading import load_model
+from vitlens.viz.report import report
+from vitlens.viz.report.attention import BlockAttention, capture, dequantise, group_entries, quantise
+from vitlens.viz.report.page import pack, safe_json
+
+CAT = "src/vitlens/assets/demo_cat.png"
+
+
+def _x(model):
+    return model.preprocess.tensor(model.preprocess.view(Image.open(CAT).convert("RGB")))[None]
+
+
+def _data(page: str) -> dict:
+    text = re.search(r'<script type="application/json" id="vitlens-data">(.*?)</script>', page, re.S).group(1)
+    return json.loads(text)
+
+
+def _unpack(data: dict) -> dict[str, np.ndarray]:
+    buf = zlib.decompress(base64.b64decode(data["blob"]))
+    kinds = {"u8": "<u1", "u16": "<u2", "i32": "<i4", "f32": "<f4"}
+    return {s["name"]: np.frombuffer(buf, kinds[s["dtype"]], s["length"], s["offset"]) for s in data["segments"]}
+
+
+def test_group_entries_by_hand():
+    rows, cols = group_entries(np.array([0, 1, 0, 1]))
+    assert rows.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert cols.tolist() == [0, 2, 1, 3, 0, 2, 1, 3]
+
+
+def test_quantise_rows_by_hand():
+    # one block, one head, two tokens in one group: rows [0.5, 0.25] and [0.1, 0.0]
+    b = BlockAttention(0, (1, 2), 0, np.zeros(2, np.int32), np.array([[0.5, 0.25, 0.1, 0.0]], np.float32))
+    q = quantise([b], 8)
+    assert q.codes.tolist() == [255, 128, 255, 0]  # 0.25 / (0.5 / 255) = 127.5 -> 128 (round half to even)
+    assert np.allclose(q.scales, [0.5 / 255, 0.1 / 255])
+    coarse = quantise([b], 8, floor=0.01)  # the floor raises the step of the small row only
+    assert np.allclose(coarse.scales, [0.5 / 255, 0.01]) and coarse.codes.tolist() == [255, 128, 10, 0]
+    q16 = quantise([b], 16)
+    assert q16.codes.dtype == np.uint16 and q16.codes.tolist() == [65535, 32768, 65535, 0]
+    for qq in (q, coarse, q16):
+        back = dequantise(qq, [b])[0]
+        assert np.abs(back - b.values).max() <= qq.max_error + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_capture_keeps_every_row_exactly(kind):
+    torch.manual_seed(0)
+    model = load_model(factories.hf_vit() if kind == "vit" else hf_swin(36, 4))
+    x = _x(model)
+    got = capture(model, x)
+    with torch.no_grad(), model.record() as rec:
+        model(x)
+    assert len(got.blocks) == model.num_blocks
+    for i, b in enumerate(got.blocks):
+        assert np.array_equal(b.dense(), rec.probs[i][0].numpy())  # nothing outside the windows is lost
+        if kind == "swin":
+            assert np.array_equal(b.groups, rec.meta[i]["window_id"].reshape(-1).numpy())
+            assert b.window == tuple(rec.meta[i]["window"]) and b.shift == tuple(rec.meta[i]["shift"])
+
+
+def test_vit_b16_report_fits_five_megabytes_and_holds_the_attention():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(num_labels=1000)  # ViT-B/16 at 224: 12 blocks x 12 heads, 197 tokens
+    model = load_model(transformers.ViTForImageClassification(cfg).eval())
+    rep = report(CAT, model, methods=[], top_k=2)
+    assert rep.nbytes < 5_000_000 and rep.info["bytes"] == rep.nbytes
+    data = _data(rep.html)
+    segs = _unpack(data)
+    assert segs["codes"].size == 12 * 12 * 197 * 197 and segs["scales"].size == 12 * 12 * 197
+    assert data["attention"]["bits"] == rep.info["bits"] == 8
+    x = _x(model)
+    with torch.no_grad(), model.record(blocks=[0, 11]) as rec:
+        model(x)
+    stored = rep.stored_attention()
+    for i in (0, 11):
+        err = (stored[i] - rec.probs[i][0].double()).abs().max()
+        assert err <= rep.info["max_error"] + 1e-7
+    # the page's data is exactly what stored_attention says: codes times their row's scale
+    codes = segs["codes"][: 12 * 197 * 197].reshape(12, 197, 197).astype(np.float64)
+    scales = segs["scales"][: 12 * 197].reshape(12, 197, 1).astype(np.float64)
+    assert np.allclose(codes * scales, stored[0].numpy(), rtol=0, atol=1e-12)
+
+
+def test_budget_picks_the_finest_encoding_that_fits():
+    torch.manual_seed(0)
+    model = load_model(factories.hf_vit())
+    small = report(CAT, model, methods=[], top_k=1)
+    assert small.info["bits"] == 16 and small.info["floor"] == 0.0  # tiny: the finest encoding
+    tight = report(CAT, model, methods=[], top_k=1, max_bytes=small.nbytes - 1)
+    assert tight.info["bits"] == 8 and tight.nbytes <= small.nbytes - 1
+    too_small = report(CAT, model, methods=[], top_k=1, max_bytes=1000)
+    assert too_small.info["floor"] == 2.0 ** -8 and any("over the" in n for n in too_small.notes)
+
+
+def test_labels_title_and_json_are_escaped():
+    evil = "</script><script>alert(1)</script><!--"
+    torch.manual_seed(0)
+    names = {i: f"{evil}{i} & more" for i in range(5)}
+    model = load_model(factories.hf_vit(id2label=names, label2id={v: k for k, v in names.items()}))
+    rep = report(CAT, model, methods=[], title=f"{evil}.png")
+    page = rep.html
+    assert page.count("</script") == 2 and page.count("<script") == 2  # only the page's own two elements
+    assert "<!--" not in page
+    assert f"<title>vitlens report: {html.escape(evil)}.png</title>" in page
+    data = _data(page)
+    assert data["title"] == f"{evil}.png"
+    assert [c["label"] for c in data["classes"]] == [names[c["index"]] for c in data["classes"]]
+    assert safe_json({"a": "</x>&"}) == '{"a":"\\u003c/x\\u003e\\u0026"}'
+    assert json.loads(safe_json({"a": "</x>&"})) == {"a": "</x>&"}
+    assert not re.search(r'(src|href)="(?!data:)', page)  # no external resource anywhere
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+
+
+def test_pack_aligns_and_round_trips():
+    arrays = [("a", np.arange(3, dtype=np.uint8)), ("b", np.array([1.5, -2.0], np.float32)),
+              ("c", np.array([7, 65535], np.uint16)), ("d", np.array([-1, 2**30], np.int32))]
+    table, text = pack(arrays)
+    segs = _unpack({"segments": table, "blob": text})
+    assert all(s["offset"] % 8 == 0 for s in table)
+    for name, arr in arrays:
+        assert np.array_equal(segs[name], arr)
+
+
+def test_lime_maps_per_class_are_lime_maps_for_that_class():
+    torch.manual_seed(0)
+    model = load_model(factories.hf_vit())
+    opts = {"num_samples": 40, "n_segments": 8, "batch_size": 40}
+    rep = report(CAT, model, methods=[], lime=True, top_k=2, method_options={"lime": opts})
+    data = _data(rep.html)
+    segs = _unpack(data)
+    (lime,) = [m for m in data["methods"] if m["name"] == "lime"]
+    x = _x(model)
+    for entry in lime["maps"]:
+        shown = entry["low"] + segs[entry["segment"]].astype(np.float64) * entry["step"]
+        want = Lime(model, **opts).explain(x, target=entry["class"]).maps[0].numpy()
+        assert np.abs(shown.reshape(want.shape) - want).max() < 1e-4
+
+
+def test_methods_by_name_and_their_errors():
+    torch.manual_seed(0)
+    model = load_model(factories.hf_vit())
+    rep = report(CAT, model, methods=["grad_rollout", "rollout", "occlusion"], top_k=2)
+    assert rep.info["methods"] == ["grad_rollout", "occlusion"]
+    assert any("rollout is computed in the page" in n for n in rep.notes)
+    with pytest.raises(VitlensError, match="unknown method 'nope'"):
+        report(CAT, model, methods=["nope"])
+    backbone = load_model(factories.hf_vit(head=False))
+    rep = report(CAT, backbone)
+    assert rep.info["classes"] == [] and rep.info["methods"] == []
+
+
+def test_cli_report_and_jupyter_view(tmp_path, hf_dir=None):
+    from vitlens import report as top_level_report
+    from vitlens.cli import main
+
+    torch.manual_seed(0)
+    folder = tmp_path / "vit"
+    factories.hf_vit().save_pretrained(folder)
+    out = tmp_path / "r.html"
+    assert main(["report", CAT, "--model", str(folder), "--out", str(out), "--top-k", "2"]) == 0
+    data = _data(out.read_text(encoding="utf-8"))
+    assert data["title"] == "demo_cat.png" and len(data["classes"]) == 2
+    assert main(["report", CAT, "--model", str(folder), "--out", str(tmp_path / "r.png")]) == 2
+    rep = top_level_report(CAT, str(folder), methods=[], top_k=1)
+    frame = rep._repr_html_()
+    assert frame.startswith("<iframe srcdoc=\"") and "<script" not in frame  # the page, attribute-escaped
+    assert html.unescape(frame.split('srcdoc="', 1)[1].split('" style=', 1)[0]) == rep.html
