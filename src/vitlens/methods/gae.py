@@ -51,6 +51,7 @@ class GenericAttention(GradientMethod):
     name = "gae"
     description = "R = R + mean over heads of clamp(grad * attention, 0) @ R per block (Chefer et al. 2021), read out"
     options = (START,)
+    start_layer: int
 
     def __init__(self, model, start_layer: int = 0) -> None:
         super().__init__(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ IG_METHODS = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle"
 def import_captum() -> Any:
     """The captum.attr module, or one clear line naming the extra to install."""
     try:
-        import captum.attr
+        import captum.attr  # type: ignore[import-untyped]
     except ImportError:
         raise VitlensError("this method needs captum: pip install 'vitlens[captum]'") from None
     return captum.attr
@@ -55,7 +55,8 @@ class InputAttribution(GradientMethod):
     patch's pixels, on the layout's grid; the pixel map is always ``extras['pixels']`` (raw, not normalised)."""
 
     families = ("vit", "swin")
-    captum_class: ClassVar[str] = ""
+    pool: str
+    channels: str
 
     def _common(self, pool: str, channels: str) -> None:
         import_captum()
@@ -122,6 +123,10 @@ class IntegratedGradients(InputAttribution):
                choices=("zero", "black")),
         POOL, CHANNELS,
     )
+    n_steps: int
+    internal_batch_size: int
+    method: str
+    baseline: str
 
     def __init__(self, model, n_steps: int = 50, internal_batch_size: int = 32, method: str = "gausslegendre",
                  baseline: str = "zero", pool: str = "patch", channels: str = "abs") -> None:

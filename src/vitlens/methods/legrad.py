@@ -51,6 +51,8 @@ class LeGrad(GradientMethod):
     families = ("vit",)
     options = (START, Option("rows", str, "all", "Query rows averaged: all (the authors) or the readout's rows.",
                              choices=("all", "readout")))
+    start_layer: int
+    rows: str
 
     def __init__(self, model, start_layer: int = 0, rows: str = "all") -> None:
         super().__init__(model)

@@ -35,6 +35,7 @@ class TokenGradCAM(GradientMethod):
     description = "Grad-CAM over the patch tokens entering a block: ReLU(tokens . mean gradient over tokens)"
     options = (Option("block", int, -1, "Block whose input tokens are used (negative: from the end; default the last).",
                       lo=-4096, hi=4095),)
+    block: int
 
     def __init__(self, model, block: int = -1) -> None:
         super().__init__(model)
