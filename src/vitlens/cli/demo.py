@@ -25,6 +25,7 @@ from vitlens.models.base import VitModel
 from vitlens.models.loading import load_model
 from vitlens.viz import plots
 from vitlens.viz.figures import save_figure, write_index
+from vitlens.viz.report.index import link_reports, write_report
 
 DEMO_NOTE = (
     "note: no embedded trained model is installed yet; this demo uses a randomly initialised ViT built on the spot, "
@@ -41,6 +42,7 @@ class DemoResult:
     index: Path | None = None
     note: str = ""
     model: str = ""
+    reports: list[Path] = field(default_factory=list)
 
 
 def random_vit(seed: int = 0, num_labels: int = 10) -> VitModel:
@@ -141,10 +143,12 @@ def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model
                 target = tx.add(out / f"{path.stem}_{suffix}.png", partial(save_figure, job(view)))
                 result.figures.append((f"{path.name}: {caption}", target))
                 bar.update(1)
+            result.reports.append(tx.add(out / f"{path.stem}_report.html", partial(write_report, model, path)))
         entries = [(cap, os.path.relpath(p, out)) for cap, p in result.figures]
         title = f"vitlens demo ({result.model}, {model.num_blocks} blocks)"
         page = partial(write_index, title=title, entries=entries, note=result.note.removeprefix("note: "))
-        result.index = tx.add(out / "index.html", page)
+        links = [(f"{p.name.removesuffix('_report.html')}: interactive report", p.name) for p in result.reports]
+        result.index = tx.add(out / "index.html", lambda tmp: link_reports(page(tmp), links))
         tx.commit()
     return result
 
@@ -159,6 +163,6 @@ def demo(out: str, device: str) -> None:
         click.echo(note)
     result = run_demo(out, device=device, progress=True, model=model or random_vit(), images=images, note=note)
     click.echo(f"model: {f'vitlens:{DEMO_MODEL} ' if model is not None else ''}({result.model})")
-    for _, path in result.figures:
+    for path in [p for _, p in result.figures] + result.reports:
         click.echo(f"wrote {path}")
     click.echo(f"open {result.index} to see them all")
