@@ -42,8 +42,10 @@ class LeGrad(GradientMethod):
     The maps are averaged over blocks and divided by their maximum (the authors min-max scale; with non-negative
     maps the two differ only by the minimum), raw average in ``extras['raw']``, per block in
     ``extras['per_layer']``. ``rows='readout'`` weights the query rows by the model's readout instead of averaging
-    them all. One forward pass: the tokens leaving every block are stacked into a batch that goes through the head
-    together; each block's gradient walks only the graph between its attention and its own score. Plain ViTs only:
+    them all. One forward pass: copies of the tokens leaving every block, cut from the graph, are stacked into a
+    batch that goes through the head together; one backward through the head gives d s^l / d z^l for every block,
+    then each block's attention gradient is that vector pulled back through block l alone (a backward from the
+    score itself would also walk every later block, with zero gradients, once per block). Plain ViTs only:
     a Swin stage's tokens do not fit the head, which reads the last stage."""
 
     name = "legrad"
@@ -72,31 +74,36 @@ class LeGrad(GradientMethod):
         blocks = list(range(self.start_layer, n))
         mods = self.model.block_modules()
         outs: dict[int, torch.Tensor] = {}
+        leaves: list[torch.Tensor] = []
         with ExitStack() as stack:
             rec = stack.enter_context(self.model.record(grads=True, blocks=blocks))
 
             def keep(module: Any, args: Any, output: Any, i: int) -> Any:
                 outs[i] = block_tokens(output)
-                if i == n - 1:  # the head sees every block's tokens, stacked along the batch
-                    return _replace_tokens(output, torch.cat([outs[j] for j in blocks], 0))
+                if i == n - 1:  # the head sees every block's tokens, stacked along the batch, cut from the graph
+                    leaves.extend(outs[j].detach().requires_grad_(True) for j in blocks)
+                    return _replace_tokens(output, torch.cat(leaves, 0))
                 return None
 
             for i in blocks:
                 handle = mods[i].register_forward_hook(lambda m, a, o, i=i: keep(m, a, o, i))
                 stack.callback(handle.remove)
             stacked = self.model(x)
-            if stacked.shape[0] != b * len(blocks):
+            if stacked.shape[0] != b * len(blocks) or len(leaves) != len(blocks):
                 raise VitlensError(f"{type(self.model.module).__name__} does not pass its last block's tokens "
                                    "straight to its head; legrad cannot score the earlier blocks")
             per_block = stacked.view(len(blocks), b, *stacked.shape[1:])
             logits = per_block[-1]
             _, t = self.score(logits, target)
             fixed = target if callable(target) and not isinstance(target, torch.Tensor) else t
+            scores = torch.stack([self.score(per_block[k], fixed)[0] for k in range(len(blocks))])
+            # d s^l / d (tokens leaving block l), through the head only (the stacked copies are cut from the blocks)
+            token_grads = torch.autograd.grad(scores.sum(), leaves)
             rows = None if self.rows == "all" else layout.readout_weights(x.device, torch.float32)
             maps = []
             for k, i in enumerate(blocks):
-                s, _ = self.score(per_block[k], fixed)
-                g = rec.grads(s, retain_graph=k < len(blocks) - 1, blocks=[i])[i]
+                # chain rule through block l alone: d s^l / d A^l = (d s^l / d z^l) . (d z^l / d A^l)
+                g = rec.grads((outs[i] * token_grads[k]).sum(), retain_graph=k < len(blocks) - 1, blocks=[i])[i]
                 maps.append(legrad_layer(g.float(), rows, layout.num_prefix).reshape(b, *layout.grid))
         per_layer = torch.stack(maps, 1)
         raw = per_layer.mean(1)
