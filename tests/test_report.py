@@ -50,18 +50,19 @@ def test_group_entries_by_hand():
 
 
 def test_quantise_rows_by_hand():
-    # one block, one head, two tokens in one group: rows [0.5, 0.25] and [0.1, 0.0]
-    b = BlockAttention(0, (1, 2), 0, np.zeros(2, np.int32), np.array([[0.5, 0.25, 0.1, 0.0]], np.float32))
+    # one block, one head, two tokens in one group: rows [0.5, 0.2] and [0.1, 0.0]
+    b = BlockAttention(0, (1, 2), 0, np.zeros(2, np.int32), np.array([[0.5, 0.2, 0.1, 0.0]], np.float32))
     q = quantise([b], 8)
-    assert q.codes.tolist() == [255, 128, 255, 0]  # 0.25 / (0.5 / 255) = 127.5 -> 128 (round half to even)
+    assert q.codes.tolist() == [255, 102, 255, 0]  # 0.2 / (0.5 / 255) = 102
     assert np.allclose(q.scales, [0.5 / 255, 0.1 / 255])
-    coarse = quantise([b], 8, floor=0.01)  # the floor raises the step of the small row only
-    assert np.allclose(coarse.scales, [0.5 / 255, 0.01]) and coarse.codes.tolist() == [255, 128, 10, 0]
+    coarse = quantise([b], 8, floor=0.001)  # the floor raises the step of the small row only
+    assert np.allclose(coarse.scales, [0.5 / 255, 0.001]) and coarse.codes.tolist() == [255, 102, 100, 0]
     q16 = quantise([b], 16)
-    assert q16.codes.dtype == np.uint16 and q16.codes.tolist() == [65535, 32768, 65535, 0]
+    assert q16.codes.dtype == np.uint16 and q16.codes.tolist() == [65535, 26214, 65535, 0]
     for qq in (q, coarse, q16):
         back = dequantise(qq, [b])[0]
         assert np.abs(back - b.values).max() <= qq.max_error + 1e-9
+        assert qq.max_error == pytest.approx(float(qq.scales.max()) / 2)
 
 
 @pytest.mark.parametrize("kind", ["vit", "swin"])
@@ -187,3 +188,17 @@ def test_cli_report_and_jupyter_view(tmp_path, hf_dir=None):
     frame = rep._repr_html_()
     assert frame.startswith("<iframe srcdoc=\"") and "<script" not in frame  # the page, attribute-escaped
     assert html.unescape(frame.split('srcdoc="', 1)[1].split('" style=', 1)[0]) == rep.html
+
+
+def test_demo_writes_a_report_per_image_linked_from_its_index(tmp_path):
+    from vitlens.cli.demo import run_demo
+
+    torch.manual_seed(0)
+    model = load_model(factories.hf_vit(id2label={i: f"<i>{i}</i>" for i in range(5)}))
+    result = run_demo(tmp_path, model=model, images=[CAT], note="")
+    assert [p.name for p in result.reports] == ["demo_cat_report.html"]
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<a href=\"demo_cat_report.html\">demo_cat: interactive report</a>" in index
+    data = _data((tmp_path / "demo_cat_report.html").read_text(encoding="utf-8"))
+    assert data["title"] == "demo_cat.png" and data["classes"][0]["label"].startswith("<i>")
+    assert index.count("<img") == len(result.figures)  # the figures are unchanged

@@ -71,7 +71,7 @@ def group_entries(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def capture(model: VitModel, x: torch.Tensor) -> CapturedAttention:
     """One forward pass of ``x`` [1, 3, H, W] that keeps every block's attention rows (streamed: a Swin block's
     global [H, N, N] matrix is reduced to its windows as soon as it is computed)."""
-    plan = model.stage_plan(tuple(x.shape[-2:]))
+    plan = model.stage_plan((int(x.shape[-2]), int(x.shape[-1])))
     out = CapturedAttention()
     holder: dict = {}
 
@@ -89,7 +89,7 @@ def capture(model: VitModel, x: torch.Tensor) -> CapturedAttention:
         rows, cols = group_entries(groups)
         values = p[:, torch.from_numpy(rows), torch.from_numpy(cols)].numpy()
         out.blocks.append(BlockAttention(
-            stage=stage, grid=tuple(layout.grid), prefix=layout.num_prefix, groups=groups, values=values,
+            stage=stage, grid=(layout.grid[0], layout.grid[1]), prefix=layout.num_prefix, groups=groups, values=values,
             window=tuple(meta["window"]) if "window" in meta else None,
             shift=tuple(meta["shift"]) if "shift" in meta else None))
 

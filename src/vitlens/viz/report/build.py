@@ -96,7 +96,7 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
         name, picture = title or Path(image).name, load_image(image)
     view = model.preprocess.view(picture)
     x = model.preprocess.tensor(view)[None].to(model.device)
-    plan = model.stage_plan(tuple(x.shape[-2:]))
+    plan = model.stage_plan((int(x.shape[-2]), int(x.shape[-1])))
 
     got = capture(model, x)
     classes = _classes(model, got, top_k)
@@ -133,11 +133,12 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
         if max_bytes is None or len(page.encode("utf-8")) <= max_bytes:
             break
     assert q is not None
-    info = {"model": base["model"], "blocks": len(got.blocks), "heads": [b.heads for b in got.blocks],
-            "bits": q.bits, "floor": q.floor, "max_error": q.max_error, "bytes": len(page.encode("utf-8")),
+    size = len(page.encode("utf-8"))
+    info: dict[str, Any] = {"model": base["model"], "blocks": len(got.blocks), "heads": [b.heads for b in got.blocks],
+            "bits": q.bits, "floor": q.floor, "max_error": q.max_error, "bytes": size,
             "methods": names, "classes": classes}
-    if max_bytes is not None and info["bytes"] > max_bytes:
-        notes.append(f"note: the report is {info['bytes'] / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB asked for, "
+    if max_bytes is not None and size > max_bytes:
+        notes.append(f"note: the report is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB asked for, "
                      "even with the coarsest attention encoding")
     return Report(page, info, notes, (got.blocks, q))
 

@@ -15,6 +15,7 @@ from vitlens.explanation import max_normalize
 from vitlens.models.base import VitModel
 
 LIVE = ("rollout", "attention")  # computed in the page from the embedded attention
+CLASS_MARK = "\x01"
 
 
 @dataclass
@@ -60,7 +61,8 @@ def method_maps(model: VitModel, x: torch.Tensor, name: str, classes: Sequence[i
 
     cls = METHODS[name]
     method = cls(model, **(options or {}))
-    title = cls.title(getattr(method, "params", {}))
+    # the page puts the class's label where CLASS_MARK stands
+    title = cls.title(getattr(method, "params", {}), CLASS_MARK if cls.class_specific else None)
     out = MethodMaps(name, title, cls.class_specific)
     if not cls.class_specific:
         out.maps[None] = _as_map(method.explain(x).maps[0])

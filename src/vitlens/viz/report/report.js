@@ -236,7 +236,7 @@
     const got = methodMap(m, state.cls);
     if (!got) return null;
     return { values: got.values, grid: got.grid, raw: false,
-      caption: m.title + (m.classSpecific ? " for " + labelOf(state.cls) : "") };
+      caption: m.title.split("\u0001").join(labelOf(state.cls)) };
   }
 
   function stageText(blk) {
@@ -484,7 +484,8 @@
     const heads = [...new Set(DATA.blocks.map((b) => b.heads))].join("/");
     $("subtitle").textContent = DATA.model + ": " + DATA.blocks.length + " blocks, " + heads + " heads" +
       (DATA.stages.length > 1 ? ", " + DATA.stages.length + " stages" : "") + "; attention stored as " + att.bits +
-      "-bit codes per row (each value within " + att.maxError.toPrecision(2) + ")";
+      "-bit codes per row (each value within " +
+      (att.maxError < 1e-3 ? att.maxError.toExponential(1) : att.maxError.toPrecision(2)) + ")";
     for (const n of DATA.notes) { const li = document.createElement("li"); li.textContent = n; $("notes").appendChild(li); }
     const buffer = await inflate(fromBase64(DATA.blob));
     for (const s of DATA.segments) SEG[s.name] = new TYPES[s.dtype](buffer, s.offset, s.length);
