@@ -172,7 +172,7 @@ def test_methods_by_name_and_their_errors():
     assert rep.info["classes"] == [] and rep.info["methods"] == []
 
 
-def test_cli_report_and_jupyter_view(tmp_path, hf_dir=None):
+def test_cli_report_and_jupyter_view(tmp_path):
     from vitlens import report as top_level_report
     from vitlens.cli import main
 
