@@ -47,7 +47,9 @@ models: user-env
 		$(SUDO) apt-get install -y dataset-fashion-mnist
 	$(PY) -m vitlens.train.embedded --all --out src/vitlens/models/zoo --threads 1 --cache .cache/scenes
 
+# The browser tests drive the system Chromium (Debian chromium + chromium-driver), installed here when missing.
 test: test-env
+	bash scripts/ensure_chromium.sh
 	$(TEST_VENV)/bin/ruff check .
 	$(TPY) -m pytest
 
