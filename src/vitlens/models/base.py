@@ -77,9 +77,9 @@ class VitModel:
         ``encoder.layer.i``, Swin stages' blocks). A block's first input and first output are its tokens (see
         `block_tokens`, `vitlens.taps.tap_tokens`). Adapters whose blocks sit elsewhere override this."""
         parent: dict[int, nn.Module] = {}
-        for m in self.module.modules():
-            for child in m.children():
-                parent.setdefault(id(child), m)
+        for owner in self.module.modules():
+            for child in owner.children():
+                parent.setdefault(id(child), owner)
         blocks = []
         for site, _ in self._attention_sites():
             m: nn.Module | None = site

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,8 @@ def hf_preprocess(config, folder: str | Path | None = None) -> Preprocess:
         pc = _read_json_object(path)
         mean = pc.get("image_mean", mean) if pc.get("image_mean") is not None else mean
         std = pc.get("image_std", std) if pc.get("image_std") is not None else std
-        interp = _PIL_RESAMPLE.get(pc.get("resample"), interp)
+        resample: Any = pc.get("resample")  # any JSON value; a code outside the table keeps the default
+        interp = _PIL_RESAMPLE.get(resample, interp)
         s = pc.get("size")
         crop = pc.get("crop_size")
         if s is not None and not isinstance(s, (dict, int)) or isinstance(s, bool):
@@ -161,7 +163,7 @@ def hf_labels(config) -> list[str]:
 
 def use_eager_attention(module: nn.Module) -> Callable[[], None]:
     """Set every config inside ``module`` to eager attention (sdpa returns no weights); return the undo function."""
-    configs = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
+    configs: dict[int, Any] = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
     saved = [(c, c._attn_implementation) for c in configs.values()]
     for c, _ in saved:
         c._attn_implementation = "eager"
@@ -179,12 +181,12 @@ class HFVitModel(VitModel):
     family = "hf"
 
     def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
-        cfg = module.config
+        cfg: Any = module.config  # a transformers PretrainedConfig (untyped library)
         if cfg.model_type not in HF_FAMILIES:
             raise VitlensError(
                 f"transformers model type {cfg.model_type!r} is not supported; supported: {', '.join(HF_FAMILIES)}"
             )
-        self.config = cfg
+        self.config: Any = cfg
         self._attn_cls = attention_class(module)
         name = type(module).__name__
         has_head = name.endswith("ForImageClassification") or name.endswith("ForImageClassificationWithTeacher")

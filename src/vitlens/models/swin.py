@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,8 +136,8 @@ class HFSwinModel(_SwinBase):
     def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
         from vitlens.models.hf import hf_labels, hf_preprocess
 
-        cfg = module.config
-        self.config = cfg
+        cfg: Any = module.config  # a transformers SwinConfig / Swinv2Config (untyped library)
+        self.config: Any = cfg
         has_head = type(module).__name__.endswith("ForImageClassification")
         self._layers = [m for m in module.modules() if type(m).__name__ in ("SwinLayer", "Swinv2Layer")]
         self._depths = list(cfg.depths)
@@ -154,7 +155,8 @@ class HFSwinModel(_SwinBase):
         stages = self._stage_of_blocks()
         return [(layer, self._extractor(layer, stages[i])) for i, layer in enumerate(self._layers)]
 
-    def _extractor(self, layer: nn.Module, stage: int) -> Callable:
+    def _extractor(self, layer: Any, stage: int) -> Callable:
+        # layer: a transformers SwinLayer / Swinv2Layer (untyped library), read for its window and shift
         def extract(module, args, kwargs, output):
             raw = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if raw is None:
@@ -195,14 +197,15 @@ class TimmSwinModel(_SwinBase):
     def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
         if getattr(module, "global_pool", "avg") not in ("avg", ""):
             raise VitlensError(f"timm Swin with global_pool={module.global_pool!r} is not supported; use 'avg'")
-        self._blocks = [blk for stage in module.layers for blk in stage.blocks]
-        self._stages = [s for s, stage in enumerate(module.layers) for _ in stage.blocks]
+        timm_swin: Any = module  # timm SwinTransformer / SwinTransformerV2 (untyped library)
+        self._blocks = [blk for stage in timm_swin.layers for blk in stage.blocks]
+        self._stages = [s for s, stage in enumerate(timm_swin.layers) for _ in stage.blocks]
         self._grid_of: dict[int, tuple[int, int]] = {}
         from vitlens.models.timm_adapter import timm_labels, timm_preprocess
 
         num_classes = int(getattr(module, "num_classes", 0) or 0)
         super().__init__(module, preprocess or timm_preprocess(module), num_classes=num_classes or None,
-                         labels=timm_labels(module), patch_size=pair(module.patch_embed.patch_size))
+                         labels=timm_labels(module), patch_size=pair(timm_swin.patch_embed.patch_size))
 
     def _stage_of_blocks(self) -> list[int]:
         return self._stages
@@ -210,7 +213,8 @@ class TimmSwinModel(_SwinBase):
     def _attention_sites(self) -> list[AttentionSite]:
         return [(blk.attn.attn_drop, self._extractor(i, blk)) for i, blk in enumerate(self._blocks)]
 
-    def _extractor(self, i: int, blk: nn.Module) -> Callable:
+    def _extractor(self, i: int, blk: Any) -> Callable:
+        # blk: a timm SwinTransformerBlock (untyped library), read for its window and shift
         def extract(module, args, kwargs, output):
             return self._globalize(output, self._stages[i], self._grid_of[i], pair(blk.window_size),
                                    pair(blk.shift_size, minimum=0))

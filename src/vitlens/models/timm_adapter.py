@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,7 @@ class TimmVitModel(VitModel):
     family = "timm-vit"
 
     def __init__(self, module: nn.Module, preprocess: Preprocess | None = None) -> None:
+        vit: Any = module  # a timm VisionTransformer (untyped library)
         pool = getattr(module, "global_pool", "token")
         distilled = getattr(module, "dist_token", None) is not None
         if distilled and not getattr(module, "distilled_training", False):
@@ -79,11 +81,16 @@ class TimmVitModel(VitModel):
             preprocess or timm_preprocess(module),
             num_classes=num_classes or None,
             labels=timm_labels(module),
-            patch_size=pair(module.patch_embed.patch_size),
+            patch_size=pair(vit.patch_embed.patch_size),
         )
 
+    @property
+    def _vit(self) -> Any:
+        """The wrapped timm VisionTransformer (timm is untyped: its attributes are read dynamically)."""
+        return self.module
+
     def _attention_sites(self) -> list[AttentionSite]:
-        sites = []
+        sites: list[AttentionSite] = []
         for blk in getattr(self.module, "blocks", []):
             attn = getattr(blk, "attn", None)
             if attn is None or not hasattr(attn, "attn_drop"):
@@ -92,7 +99,7 @@ class TimmVitModel(VitModel):
         return sites
 
     def _use_explicit_attention(self) -> Callable[[], None]:
-        return unfuse([blk.attn for blk in self.module.blocks])
+        return unfuse([blk.attn for blk in self._vit.blocks])
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(self.module, x)
@@ -102,13 +109,14 @@ class TimmVitModel(VitModel):
         """Prefix tokens (CLS, distillation, registers), patch grid and pooling."""
         ph, pw = self.patch_size
         grid = (image_size[0] // ph, image_size[1] // pw)
-        return TokenLayout(int(self.module.num_prefix_tokens), grid, self._readout)
+        return TokenLayout(int(self._vit.num_prefix_tokens), grid, self._readout)
 
 
 def unfuse(attns: list[nn.Module]) -> Callable[[], None]:
     """Switch timm attention modules to explicit softmax attention (``fused_attn = False``); return the undo.
     Modules without the flag (e.g. Swinv2's cosine attention, always explicit) are left alone."""
-    saved = [(a, a.fused_attn) for a in attns if hasattr(a, "fused_attn")]
+    # timm Attention modules (untyped library) and their fused_attn flags
+    saved: list[tuple[Any, Any]] = [(a, a.fused_attn) for a in attns if hasattr(a, "fused_attn")]
     for a, _ in saved:
         a.fused_attn = False
 
@@ -121,7 +129,7 @@ def unfuse(attns: list[nn.Module]) -> Callable[[], None]:
 
 def check_input_size(module: nn.Module, x: torch.Tensor) -> None:
     """One clear line when a fixed-size timm model gets another input size (timm would fail an assert)."""
-    pe = module.patch_embed
+    pe: Any = module.patch_embed  # a timm PatchEmbed (untyped library)
     size = pair(pe.img_size) if getattr(pe, "img_size", None) is not None else None
     dynamic = getattr(module, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
     if size is not None and not dynamic and tuple(x.shape[-2:]) != size:
@@ -170,6 +178,7 @@ def load_timm(name: str, weights: str | Path | None = None, image_size: int | No
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VitlensError(f"weights file not found: {path}")
+    sd: Any  # a state dict, or a checkpoint holding one under 'state_dict' / 'model'
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
