@@ -74,13 +74,12 @@ _UNSUPPORTED = {"scaled_dot_product_attention", "exp", "log", "sqrt", "rsqrt", "
 
 def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
     """z + eps * sign(z), with sign(0) = +1 (so that the result is never 0 when eps > 0)."""
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def _ratio(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y / x for the identity rule (R_x = R_y): 0 where x is exactly 0 (the relevance x * g is 0 there anyway)."""
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return torch.where(x == 0, torch.zeros_like(y), y / safe)
+    """y / x for the identity rule (R_x = R_y); 0 where x is exactly 0 (the relevance x * g is 0 there anyway)."""
+    return (y / x).nan_to_num_(0.0, 0.0, 0.0)
 
 
 class _Switch(torch.autograd.Function):
@@ -107,11 +106,11 @@ def _grad(t: Any) -> bool:
 class LRPMode(TorchFunctionMode):
     """While active, the operations named in the module docstring get switchable LRP backwards (see `lrp_mode`)."""
 
-    def __init__(self, rules: LRPRules, what: str) -> None:
+    def __init__(self, rules: LRPRules, what: str, cache: dict | None = None) -> None:
         super().__init__()
         self.rules, self.what = rules, what
         self.lrp = False
-        self._abs: dict[int, torch.Tensor] = {}
+        self._abs: dict = {} if cache is None else cache
 
     @contextmanager
     def relevance(self) -> Iterator[None]:
@@ -157,17 +156,20 @@ class LRPMode(TorchFunctionMode):
             return out
         if self.rules.linear == "alpha1beta0" and name == "linear":
             w = weight
-            key = id(w)
-            if key not in self._abs:
-                self._abs[key] = w.abs()
-            w_abs = self._abs[key]
+            tag = (w.data_ptr(), w._version, w.dtype, w.device)
+            cached = self._abs.get(id(w))
+            if cached is None or cached[0] != tag:  # new or changed weight: (re)compute, dropping the stale copy
+                cached = self._abs[id(w)] = (tag, torch.cat([w.detach().clamp(min=0), w.detach().clamp(max=0)], 1))
+            w_split = cached[1]  # [W+ | W-], [out, 2 in]
 
             def z_plus(g: torch.Tensor) -> tuple:
-                wx = out if bias is None else out - bias
-                z = 0.5 * (wx + torch.nn.functional.linear(x.abs(), w_abs))  # sum_j (w_kj x_j)^+
-                s = (out * g) / (z + TINY) * (z != 0)  # R_y / Z+
-                gx = 0.5 * (s @ w + torch.sign(x) * (s @ w_abs))  # (W+ s where x > 0, W- s where x < 0)
-                return None, (gx,)
+                # Z+_k = sum_j (w_kj x_j)^+ = W+ x+ + W- x-: every term >= 0, so Z+ is exactly 0 when no contribution
+                # is positive (those outputs' relevance is dropped, as in Chefer's safe_divide)
+                z = torch.nn.functional.linear(torch.cat([x.clamp(min=0), x.clamp(max=0)], -1), w_split)
+                s = (out * g).div_(z + TINY).mul_(z != 0)
+                t = s @ w_split  # [s W+ | s W-]
+                n = x.shape[-1]
+                return None, (torch.where(x > 0, t[..., :n], t[..., n:]),)
 
             return self._wrap(z_plus, out, x)
         eps = self.rules.epsilon
@@ -212,12 +214,14 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def lrp_mode(rules: LRPRules, what: str = "the model") -> Iterator[LRPMode]:
+def lrp_mode(rules: LRPRules, what: str = "the model", cache: dict | None = None) -> Iterator[LRPMode]:
     """Context manager: forwards run inside it build a graph whose backward is switchable to ``rules``.
 
     ``with lrp_mode(CHEFER) as mode: y = model(x)``; then ``torch.autograd.grad(...)`` gives ordinary gradients and,
-    inside ``with mode.relevance():``, relevance-propagating ones (relevance of t = t * grad of t).
+    inside ``with mode.relevance():``, relevance-propagating ones (relevance of t = t * grad of t). ``cache`` (a dict
+    kept by the caller) keeps |W| of each linear weight between calls (alpha-beta rule), keyed by the weight's
+    identity and version, so that it is computed once per model rather than once per batch.
     """
-    mode = LRPMode(rules, what)
+    mode = LRPMode(rules, what, cache)
     with mode:
         yield mode

@@ -37,6 +37,7 @@ class TransformerAttribution(GradientMethod, Rollout):
         # normalisation, and the factor 2 per block restored at the end (powers of two: exact in floating point)
         self.discard_ratio, self.residual_weight, self.normalize = 0.0, 0.5, False
         self.set_options(start_layer=start_layer, per_layer=per_layer)
+        self._abs_weights: dict = {}  # |W| per linear layer, kept between calls (see lrp_mode)
         self.check_start_layer()
 
     @classmethod
@@ -51,7 +52,7 @@ class TransformerAttribution(GradientMethod, Rollout):
         """({block: cam [B, N, N] in global token coordinates}, logits, resolved target) for a batch."""
         blocks = range(self.start_layer, self.model.num_blocks)
         with self.model.record(grads=True, blocks=blocks) as rec:
-            with lrp_mode(CHEFER, type(self.model.module).__name__) as mode:
+            with lrp_mode(CHEFER, type(self.model.module).__name__, self._abs_weights) as mode:
                 logits = self.model(x)
             score, t = self.score(logits, target)
             grads = rec.grads(score, retain_graph=True)
