@@ -76,7 +76,7 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
         raise VitlensError(f"--out {out} is a file; give a folder")
     model = load(model_spec, weights, timm_kwargs, image_size, device)
     if method_names is None:
-        method_names = [k for k, m in map_methods().items() if m.applies_to(model)]
+        method_names = [k for k, m in map_methods().items() if m.applies_to(model) and k != "attention"]
     exps = explainers(model, method_names, seed)
     echo_notes([f"note: {e.note}" for e in exps if e.note])
     samples = load_samples(model, data, n)
@@ -85,7 +85,7 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     mets = make_metrics(metric_names, baseline=baseline, forward_batch=forward_batch, sanity_blocks=sanity_blocks,
                         seed=seed)
     settings: dict[str, Any] = {"model": model_spec, "weights": weights, "timm_kwargs": timm_kwargs,
-                                "image_size": image_size, "data": data, "n": len(samples),
+                                "image_size": image_size, "data": data,
                                 "methods": [e.name for e in exps], "metrics": metric_names, "baseline": baseline,
                                 "targets": kinds, "batch_size": batch_size, "sanity_blocks": sanity_blocks,
                                 "seed": seed}
@@ -94,7 +94,7 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
         click.echo(f"resuming: {len(store.done)} of {len(samples)} images already scored"
                    + (f" ({store.dropped} incomplete rows dropped)" if store.dropped else ""), err=True)
     run_eval(model, samples, exps, mets, store, batch_size=batch_size, kinds=kinds, progress=True)
-    rows = store.read()
+    rows = [r for r in store.read() if int(r["image"]) < len(samples)]  # a run resumed with a smaller --n
     names = [e.name for e in exps]
     notes = [f"model {model_spec}, data {data}, {len(samples)} images, removal baseline '{baseline}'",
              "means with 95% bootstrap intervals (1000 resamples); arrows: higher or lower is better",

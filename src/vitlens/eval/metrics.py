@@ -35,7 +35,8 @@ from vitlens.eval.removal import FORWARD_BATCH, Remover
 CHEFER_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(10))  # 0 (unperturbed), 0.1, ..., 0.9
 RISE_STEPS = 10  # steps of 10%: deletion shares positive perturbation's forwards, insertion negative's
 
-Explain = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x [R,3,H,W], target [R]) -> maps
+# (model, x [R', 3, H, W], target [R'], rows [R'] (which rows of the batch these are)) -> maps [R', gh, gw]
+Explain = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,11 @@ class Sanity(Metric):
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         if batch.explain is None:
             raise VitlensError("the sanity metric needs the method to explain again on the randomised model")
-        other = batch.explain(self.twin(batch.model), batch.x, batch.target).float()
+        r = batch.maps.shape[0]
+        groups = (batch.groups if batch.groups is not None else torch.arange(r)).to(batch.maps.device)
+        first = torch.full((int(groups.max()) + 1,), r, dtype=torch.long, device=groups.device)
+        first = first.scatter_reduce(0, groups, torch.arange(r, device=groups.device), "amin")
+        other = batch.explain(self.twin(batch.model), batch.x[first], batch.target[first], first).float()[groups]
         if other.shape != batch.maps.shape:
             other = F.adaptive_avg_pool2d(other[:, None], _grid(batch.maps))[:, 0]
         return {"sanity_rho": spearman(batch.maps.flatten(1), other.flatten(1)).to(batch.maps.device)}

@@ -110,8 +110,8 @@ def score_batch(model: Any, samples: Sequence[Sample], ids: Sequence[int], expla
     return out
 
 
-def _reexplain(ex: Explainer, row_ids: torch.Tensor) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
-    return lambda m, x, t: ex(m, x, t, row_ids)
+def _reexplain(ex: Explainer, row_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    return lambda m, x, t, rows: ex(m, x, t, row_ids[rows.cpu()])
 
 
 def evaluate(model: Any, samples: Sequence[Sample], explainers: Sequence[Explainer], metrics: Sequence[Metric],
