@@ -38,6 +38,9 @@ class AttnLRP(GradientMethod):
         Option("epsilon", float, 1e-6, "Stabiliser of the epsilon rule on linear layers (0: z-rule).", lo=0.0, hi=1.0),
     )
 
+    pool: str
+    epsilon: float
+
     def __init__(self, model, pool: str = "patch", epsilon: float = 1e-6) -> None:
         GradientMethod.__init__(self, model)
         self.set_options(pool=pool, epsilon=epsilon)

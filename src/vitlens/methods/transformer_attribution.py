@@ -3,10 +3,12 @@ rolled out."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from vitlens.explanation import Explanation
-from vitlens.methods.base import GradientMethod, Images, Target, register
+from vitlens.methods.base import GradientMethod, Images, Option, Target, register
 from vitlens.methods.lrp_rules import CHEFER, lrp_mode
 from vitlens.methods.rollout import PER_LAYER, START, Rollout
 
@@ -28,7 +30,9 @@ class TransformerAttribution(GradientMethod, Rollout):
 
     name = "transformer_attribution"
     description = "rollout of I + mean over heads of clamp(attention gradient * attention LRP relevance), Chefer 2021"
-    options = (START, PER_LAYER)
+    options: ClassVar[tuple[Option, ...]] = (START, PER_LAYER)
+    start_layer: int
+    per_layer: bool
 
     def __init__(self, model, start_layer: int = 0, per_layer: bool = False) -> None:
         GradientMethod.__init__(self, model)
