@@ -7,6 +7,7 @@ import torch
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.layout import TokenLayout
+from vitlens.methods.artifacts import EXCLUDE, ArtifactTracker, zero_patches
 from vitlens.methods.base import Images, Method, Option, Target, register
 from vitlens.models.base import VitModel
 
@@ -54,11 +55,14 @@ class AttentionMaps(Method):
 
     name = "attention"
     description = "raw attention of a query token (CLS, mean, or a patch) per block and head"
-    options = (Option("query", object, "cls", "cls, mean, or ROW,COL of a patch (0-based).", parse=parse_query),)
+    options = (Option("query", object, "cls", "cls, mean, or ROW,COL of a patch (0-based).", parse=parse_query),
+               EXCLUDE)
+    exclude_artifacts: int
 
-    def __init__(self, model: VitModel, query: Query = "cls") -> None:
+    def __init__(self, model: VitModel, query: Query = "cls", exclude_artifacts: int = 0) -> None:
         super().__init__(model)
         self.query: Query = parse_query(query) if isinstance(query, str) else (int(query[0]), int(query[1]))
+        self.set_options(exclude_artifacts=exclude_artifacts)
 
     @classmethod
     def title(cls, params: dict, target_text: str | None = None) -> str:
@@ -76,8 +80,10 @@ class AttentionMaps(Method):
             first.patch_index(*self.query)  # fail before the forward pass
         stages = {s: (plan.layouts[s], plan.ancestors(s)) for s in set(plan.block_stage)}
         rows: dict[int, torch.Tensor] = {}
+        tracker = ArtifactTracker(self.model, self.exclude_artifacts, (x.shape[-2], x.shape[-1]))
 
         def keep_row(i: int, probs: torch.Tensor) -> None:
+            tracker.see(i, probs)
             layout, up = stages[plan.block_stage[i]]
             query = self.query
             if up is not None and isinstance(query, tuple):
@@ -92,11 +98,17 @@ class AttentionMaps(Method):
         with torch.no_grad(), self.model.record(stream=keep_row):
             logits = self.model(x)
         per_head = _stack_heads([rows[i] for i in sorted(rows)])
-        last = rows[max(rows)]
+        last = rows[max(rows)].float().mean(1)
+        extras = {"per_head": per_head, "num_heads": torch.tensor([rows[i].shape[1] for i in sorted(rows)])}
+        arts = tracker.artifacts()
+        if arts is not None:  # see vitlens.methods.artifacts: those patches set to 0, nothing renormalised
+            extras["per_head"] = zero_patches(per_head, arts.index)
+            extras["artifacts"], extras["artifact_scores"] = arts.index, arts.score
+            last = zero_patches(last, arts.index)
+        params = {"query": self.query, **({"exclude_artifacts": self.exclude_artifacts} if arts is not None else {})}
         return Explanation(
-            maps=max_normalize(last.float().mean(1)), method=self.name, params={"query": self.query},
-            logits=logits, probs=self.probs_or_none(logits),
-            extras={"per_head": per_head, "num_heads": torch.tensor([rows[i].shape[1] for i in sorted(rows)])},
+            maps=max_normalize(last), method=self.name, params=params,
+            logits=logits, probs=self.probs_or_none(logits), extras=extras,
         )
 
 

@@ -9,6 +9,7 @@ import torch
 from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.layout import StagePlan, TokenLayout
+from vitlens.methods.artifacts import EXCLUDE, Artifacts, ArtifactTracker, zero_patches
 from vitlens.methods.base import Images, Method, Option, Target, register
 from vitlens.models.base import VitModel
 
@@ -125,14 +126,16 @@ class Rollout(Method):
     description = "products of the per-block attention (heads fused, residual added) read out from the pooled token"
     options = (
         Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS),
-        DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER,
+        DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER, EXCLUDE,
     )
 
     def __init__(self, model: VitModel, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0,
-                 residual_weight: float = 0.5, normalize: bool = True, per_layer: bool = False) -> None:
+                 residual_weight: float = 0.5, normalize: bool = True, per_layer: bool = False,
+                 exclude_artifacts: int = 0) -> None:
         super().__init__(model)
         self.set_options(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer,
-                         residual_weight=residual_weight, normalize=normalize, per_layer=per_layer)
+                         residual_weight=residual_weight, normalize=normalize, per_layer=per_layer,
+                         exclude_artifacts=exclude_artifacts)
         self.check_start_layer()
 
     def check_start_layer(self) -> None:
@@ -170,15 +173,21 @@ class Rollout(Method):
         return RolloutAccumulator(plan, self.start_layer, self.discard_ratio, self.residual_weight,
                                   self.normalize, self.per_layer)
 
-    def finish(self, acc: RolloutAccumulator, logits: torch.Tensor, target: torch.Tensor | None) -> Explanation:
-        """Explanation from a filled accumulator."""
+    def finish(self, acc: RolloutAccumulator, logits: torch.Tensor, target: torch.Tensor | None,
+               arts: Artifacts | None = None) -> Explanation:
+        """Explanation from a filled accumulator; ``arts`` (see `vitlens.methods.artifacts`): patches set to 0 in
+        every map before its max normalisation."""
         extras = {}
+        if arts is not None:
+            extras["artifacts"], extras["artifact_scores"] = arts.index, arts.score
         if self.per_layer:
             depth = torch.stack(acc.depth_maps, 1).float()  # [B, L', gh, gw], each depth divided by its own max
+            depth = zero_patches(depth, arts.index) if arts is not None else depth
             extras["per_layer"] = max_normalize(depth.flatten(0, 1)).view_as(depth)
             extras["per_layer_blocks"] = torch.arange(self.start_layer, self.model.num_blocks)
+        raw = acc.map().float()
         return Explanation(
-            maps=max_normalize(acc.map().float()),
+            maps=max_normalize(zero_patches(raw, arts.index) if arts is not None else raw),
             method=self.name, params=self.params, target=target, logits=logits.detach(),
             probs=self.probs_or_none(logits.detach()), extras=extras,
         )
@@ -187,6 +196,12 @@ class Rollout(Method):
         """Rollout maps for a batch (``target`` is ignored: rollout is class-agnostic)."""
         x = self.batch(x)
         acc = self.accumulator(self.model.stage_plan(tuple(x.shape[-2:])))
-        with torch.no_grad(), self.model.record(stream=lambda i, p: acc.add(i, fuse_heads(p, self.head_fusion))):
+        tracker = ArtifactTracker(self.model, self.exclude_artifacts, tuple(x.shape[-2:]))
+
+        def fold(i: int, p: torch.Tensor) -> None:
+            tracker.see(i, p)
+            acc.add(i, fuse_heads(p, self.head_fusion))
+
+        with torch.no_grad(), self.model.record(stream=fold):
             logits = self.model(x)
-        return self.finish(acc, logits, None)
+        return self.finish(acc, logits, None, tracker.artifacts())
