@@ -3,8 +3,8 @@
 from vitlens.methods.attention import AttentionMaps
 from vitlens.methods.attnlrp import AttnLRP  # noqa: F401
 from vitlens.methods.base import METHODS, GradientMethod, Method, Option, PerturbationMethod, register
-from vitlens.methods.gae import GenericAttention  # noqa: F401
 from vitlens.methods.flow import AttentionFlow  # noqa: F401
+from vitlens.methods.gae import GenericAttention  # noqa: F401
 from vitlens.methods.grad_rollout import GradRollout
 from vitlens.methods.input_attribution import InputXGradient, IntegratedGradients, Saliency  # noqa: F401
 from vitlens.methods.legrad import LeGrad  # noqa: F401
