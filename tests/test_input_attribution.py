@@ -50,7 +50,7 @@ def test_ig_equals_a_hand_written_sum(rule):
         alphas, steps = k / n, np.full(n, 1 / n)
     total = sum(float(s) * _grad(module, a * x, _class(t)) for a, s in zip(alphas, steps))
     want = (x * total).abs().sum(1)  # baseline 0: (x - 0) * integral of the gradient; |.| summed over RGB
-    exp = IntegratedGradients(model, n_steps=n, method=rule, internal_batch_size=3, pool="pixel").explain(x, t)
+    exp = IntegratedGradients(model, n_steps=n, quadrature=rule, internal_batch_size=3, pool="pixel").explain(x, t)
     np.testing.assert_allclose(exp.extras["raw"].numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
     assert exp.maps.shape == (2, 32, 32) and exp.target.tolist() == [3, 1]
 
@@ -116,7 +116,7 @@ def test_callable_target_on_a_backbone(name):
     def score(feats):
         return feats @ direction
 
-    m = vitlens.METHODS[name](model, **({"n_steps": 4, "method": "riemann_right"} if name == "ig" else {}))
+    m = vitlens.METHODS[name](model, **({"n_steps": 4, "quadrature": "riemann_right"} if name == "ig" else {}))
     exp = m.explain(x, target=score)
     run = lambda inp: model(inp)  # noqa: E731 - the backbone's pooled features
 

@@ -108,8 +108,9 @@ class InputAttribution(GradientMethod):
 @register
 class IntegratedGradients(InputAttribution):
     """Integrated Gradients (Sundararajan et al. 2017) through captum: (x - x0) * the mean gradient along the straight
-    path from the baseline x0 to x, with ``n_steps`` points by ``method`` (captum's Gauss-Legendre by default),
-    ``internal_batch_size`` path points per forward (the cost knob: n_steps forwards and backwards per image).
+    path from the baseline x0 to x, with ``n_steps`` points by ``quadrature`` (captum's ``method``: Gauss-Legendre
+    by default; not named ``method``, the CLI's method flag) and ``internal_batch_size`` path points per forward (the
+    cost knob: n_steps forwards and backwards per image).
     ``baseline``: 'zero' (an all-zero normalised input: the preprocessing's mean colour) or 'black'. The per-image
     completeness gap sum(attributions) - (f(x) - f(x0)) is ``extras['delta']``."""
 
@@ -118,20 +119,22 @@ class IntegratedGradients(InputAttribution):
     options = (
         Option("n_steps", int, 50, "Points on the path from the baseline to the image.", lo=1, hi=10000),
         Option("internal_batch_size", int, 32, "Path points per forward pass (memory/speed knob).", lo=1, hi=100000),
-        Option("method", str, "gausslegendre", "Quadrature along the path (captum's names).", choices=IG_METHODS),
+        Option("quadrature", str, "gausslegendre", "Points and weights along the path (captum's method names).",
+               choices=IG_METHODS),
         Option("baseline", str, "zero", "Start of the path: all-zero normalised input, or a black image.",
                choices=("zero", "black")),
         POOL, CHANNELS,
     )
     n_steps: int
     internal_batch_size: int
-    method: str
+    quadrature: str
     baseline: str
 
-    def __init__(self, model, n_steps: int = 50, internal_batch_size: int = 32, method: str = "gausslegendre",
+    def __init__(self, model, n_steps: int = 50, internal_batch_size: int = 32, quadrature: str = "gausslegendre",
                  baseline: str = "zero", pool: str = "patch", channels: str = "abs") -> None:
         super().__init__(model)
-        self.set_options(n_steps=n_steps, internal_batch_size=internal_batch_size, method=method, baseline=baseline)
+        self.set_options(n_steps=n_steps, internal_batch_size=internal_batch_size, quadrature=quadrature,
+                         baseline=baseline)
         self._common(pool, channels)
 
     def baseline_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,7 @@ class IntegratedGradients(InputAttribution):
         fn, captum_target = self._forward(target if t is None else t)
         ig = import_captum().IntegratedGradients(fn)
         attr, delta = ig.attribute(x, baselines=self.baseline_of(x), target=captum_target, n_steps=self.n_steps,
-                                   method=self.method, internal_batch_size=self.internal_batch_size,
+                                   method=self.quadrature, internal_batch_size=self.internal_batch_size,
                                    return_convergence_delta=True)
         return attr, {"delta": delta.detach().float()}, logits, t
 
