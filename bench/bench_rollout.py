@@ -26,6 +26,34 @@ from vitlens.methods.rollout import add_residual, discard_lowest, fuse_heads, re
 TARGET = 1.3
 MODELS = ("vit_tiny_patch16_224", "vit_base_patch16_224")
 OLD_DISCARD = "Rollout(max, 0.9), old discard (k smallest)"
+OLD_PATH = "Rollout() [mean], pre-issue-12 path"
+
+
+def add_residual_eye(a: torch.Tensor, residual_weight: float, normalize: bool) -> torch.Tensor:
+    """The library's residual before issue 12 (an identity matrix allocated per block), as a same-process baseline."""
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    a = (1.0 - residual_weight) * a + residual_weight * eye
+    if normalize:
+        a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return a
+
+
+def old_rollout_path(method: vitlens.Rollout, x: torch.Tensor) -> object:
+    """``method.explain(x)`` as before issue 12: identity-matrix residual, the L x N^3 matrix chain (no row-only
+    readout) and record() writing every module's training flag (eval() and its undo) on every call."""
+    import vitlens.capture as cap
+
+    def eval_always(module: torch.nn.Module) -> None:  # (the old undo also wrote every flag back: not counted)
+        module.eval()
+
+    make, saved_eval, saved_res = method.accumulator, cap._eval, vr.add_residual
+    vr.add_residual, cap._eval = add_residual_eye, eval_always
+    method.accumulator = lambda plan, batch=0: make(plan)  # default batch: never row-only
+    try:
+        return method.explain(x)
+    finally:
+        vr.add_residual, cap._eval = saved_res, saved_eval
+        del method.accumulator
 
 
 def discard_k_smallest(a: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -62,6 +90,7 @@ def variants(module: torch.nn.Module, model: vitlens.VitModel, x: torch.Tensor) 
             return model(x)
 
     mean0 = vitlens.Rollout(model)
+    mean_old = vitlens.Rollout(model)
     max90 = vitlens.Rollout(model, head_fusion="max", discard_ratio=0.9)
     grad = vitlens.GradRollout(model)
 
@@ -76,6 +105,7 @@ def variants(module: torch.nn.Module, model: vitlens.VitModel, x: torch.Tensor) 
         "forward, fused attn (baseline)": forward,
         "record(stream=no-op)": record_noop,
         "Rollout() [mean, discard 0]": lambda: mean0.explain(x),
+        OLD_PATH: lambda: old_rollout_path(mean_old, x),
         "Rollout(max, discard 0.9)": lambda: max90.explain(x),
         OLD_DISCARD: max90_old,
         "GradRollout() [info]": lambda: grad.explain(x),
@@ -209,8 +239,12 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=6.0,
                     help="keep adding timed rounds (up to 25) until this much time was spent per case (default 6)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown")
+    ap.add_argument("--model", help="one timm model instead of the default pair (e.g. deit_tiny_patch16_224)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes with --model (default 1)")
     args = ap.parse_args()
     models, batches = (MODELS[:1], (1,)) if args.quick else (MODELS, (1, 8))
+    if args.model:
+        models, batches = (args.model,), tuple(args.batches)
     warmup, repeats, min_s = (1, 1, 0.0) if args.quick else (args.warmup, args.repeats, args.min_seconds)
     print("bench_rollout:", _env.describe())
     print("CPU only; the machine is shared, so times are noisy. 'ratio' = median over rounds of variant / baseline")
@@ -221,7 +255,7 @@ def main() -> None:
             results[(name, b)], bases[(name, b)] = bench_case(name, b, warmup, repeats, min_s)
     print(f"\nTarget: ratio <= {TARGET} at batch 8 (verdict on the median paired ratio; min/min alongside)")
     for (name, b), r in results.items():
-        for key in ("Rollout() [mean, discard 0]", "Rollout(max, discard 0.9)"):
+        for key in ("Rollout() [mean, discard 0]", OLD_PATH, "Rollout(max, discard 0.9)"):
             med, of_mins = r[key]
             verdict = "met" if med <= TARGET else "NOT met"
             note = "" if b == 8 else " (batch 1: information)"

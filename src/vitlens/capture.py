@@ -69,15 +69,22 @@ def _restore_training(module: torch.nn.Module) -> Callable[[], None]:
 
     def undo() -> None:
         for m, mode in modes:
-            m.training = mode
+            if m.training != mode:  # nn.Module's __setattr__ is slow: set only what changed
+                m.training = mode
 
     return undo
+
+
+def _eval(module: torch.nn.Module) -> None:
+    """``module.eval()``, skipped when every submodule already is in eval mode (the common case: no writes)."""
+    if any(m.training for m in module.modules()):
+        module.eval()
 
 
 def _explicit_eval(model: VitModel) -> Callable[[], None]:
     """Eval mode and explicit attention; returns the undo (explicit attention first, then the train/eval modes)."""
     undo_training = _restore_training(model.module)
-    model.module.eval()
+    _eval(model.module)
     try:
         undo_attention = model._use_explicit_attention()
     except BaseException:
@@ -156,7 +163,7 @@ def record(
     rec = AttentionRecord(num_blocks=n)
     with ExitStack() as stack:
         stack.callback(_hold(model, "explicit", lambda: _explicit_eval(model)))
-        model.module.eval()  # also when an outer record already holds the model (the user may have called train())
+        _eval(model.module)  # also when an outer record already holds the model (the user may have called train())
         if grads:
             stack.callback(_hold(model, "grads", lambda: _grads_from_input(model)))
             stack.enter_context(torch.enable_grad())

@@ -20,6 +20,7 @@ DISCARD = Option("discard_ratio", float, 0.0, "Fraction of the lowest attention 
 START = Option("start_layer", int, 0, "First block (0-based) rolled out; earlier blocks count as identity.", lo=0)
 RESIDUAL = Option("residual_weight", float, 0.5, "Weight w of the identity in (1-w)A + wI.", lo=0.0, hi=1.0)
 NORMALIZE = Option("normalize", bool, True, "Divide each row of (1-w)A + wI by its sum.")
+ROW_ONLY_ELEMENTS = 1 << 24  # block matrices kept for a row-only rollout (64 MiB in float32)
 PER_LAYER = Option("per_layer", bool, False, "Also return the rollout after every block.", cli=False)
 
 
@@ -50,11 +51,11 @@ def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def add_residual(a: torch.Tensor, residual_weight: float, normalize: bool) -> torch.Tensor:
-    """(1 - w) * A + w * I, then optionally each row divided by its sum."""
-    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
-    a = (1.0 - residual_weight) * a + residual_weight * eye
+    """(1 - w) * A + w * I, then optionally each row divided by its sum (a new tensor; ``a`` is left as it is)."""
+    a = a * (1.0 - residual_weight)  # then w added on the diagonal in place: no identity matrix is allocated
+    a.diagonal(dim1=-2, dim2=-1).add_(residual_weight)
     if normalize:
-        a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        a.div_(a.sum(-1, keepdim=True).clamp_min_(torch.finfo(a.dtype).tiny))
     return a
 
 
@@ -72,22 +73,30 @@ class RolloutAccumulator:
     Between stages (Swin), R is carried to the next token grid by the stage's transition matrix, so R is always
     [B, N_current, N_0] and maps are drawn on the first stage's grid. Blocks before ``start_layer`` count as
     identity.
+
+    With ``row_only`` (only the final map is wanted), the per-block matrices are kept and the map is computed at the
+    end as the readout row times them, last block first: L vector-matrix products instead of L matrix products,
+    for O(L N^2) memory instead of O(N^2).
     """
 
     def __init__(self, plan: StagePlan, start_layer: int, discard_ratio: float, residual_weight: float,
-                 normalize: bool, per_layer: bool) -> None:
+                 normalize: bool, per_layer: bool, row_only: bool = False) -> None:
         self.plan, self.start_layer = plan, start_layer
         self.discard_ratio, self.residual_weight, self.normalize = discard_ratio, residual_weight, normalize
         self.per_layer = per_layer
+        self.row_only = row_only and not per_layer
         self.stage = 0
         self.result: torch.Tensor | None = None
         self.chain: torch.Tensor | None = None  # transitions crossed before the first rolled-out block
         self.depth_maps: list[torch.Tensor] = []
+        self.ops: list[torch.Tensor] = []  # row_only: transitions and block matrices in forward order
 
     def _advance(self, stage: int, like: torch.Tensor) -> None:
         while self.stage < stage:
             t = self.plan.transitions[self.stage].to(like.device, like.dtype)
-            if self.result is None:
+            if self.row_only:
+                self.ops.append(t)
+            elif self.result is None:
                 self.chain = t if self.chain is None else t @ self.chain
             else:
                 self.result = t @ self.result
@@ -99,6 +108,9 @@ class RolloutAccumulator:
         if block < self.start_layer:
             return
         a = add_residual(discard_lowest(fused, self.discard_ratio), self.residual_weight, self.normalize)
+        if self.row_only:
+            self.ops.append(a)
+            return
         base = self.result if self.result is not None else self.chain
         self.result = a if base is None else a @ base
         if self.per_layer:
@@ -106,6 +118,12 @@ class RolloutAccumulator:
 
     def map(self) -> torch.Tensor:
         """[B, gh, gw] readout of the rollout so far."""
+        if self.row_only and self.ops:
+            first = self.plan.layouts[0]
+            row = self.plan.layouts[self.stage].readout_weights(self.ops[-1].device, self.ops[-1].dtype)[None, None]
+            for op in reversed(self.ops):
+                row = row @ op  # [B or 1, 1, N_before]
+            return row[:, 0, first.num_prefix:].reshape(-1, *first.grid)
         return readout(self.result, self.plan.layouts[self.stage], self.plan.layouts[0])
 
 
@@ -116,7 +134,8 @@ class Rollout(Method):
     Per sample and block: fuse heads (mean/max/min); zero the lowest floor(discard_ratio * N^2) entries except [0, 0];
     A = (1 - w) A + w I with w = residual_weight; if normalize, divide each row by its sum; R = A_L ... A_start.
     The map is the model's pooled row of R (CLS, CLS+distillation mean, or the mean of patch rows) over the patch
-    tokens, divided by its maximum. Streams block by block: extra memory is O(N^2) per sample.
+    tokens, divided by its maximum. Streams block by block: extra memory is O(N^2) per sample, or, when the
+    block matrices fit in ROW_ONLY_ELEMENTS and per_layer is off, they are kept and only the readout row is computed.
     The seed report's variant (no normalisation, A + I, first block skipped) is
     ``Rollout(model, normalize=False, residual_weight=0.5, start_layer=1)``: A + I = 2 * (0.5 A + 0.5 I) and the
     constant factor vanishes in the max normalisation.
@@ -168,10 +187,12 @@ class Rollout(Method):
         what = cls.name.replace("_", " ") + (f" for {target_text}" if target_text else "")
         return f"{what}; {', '.join(opts)}"
 
-    def accumulator(self, plan: StagePlan) -> RolloutAccumulator:
-        """A fresh accumulator with this method's options."""
+    def accumulator(self, plan: StagePlan, batch: int = 1 << 30) -> RolloutAccumulator:
+        """A fresh accumulator with this method's options; it keeps the block matrices and computes only the readout
+        row at the end when they fit in ``ROW_ONLY_ELEMENTS`` (fewer matrix products: rollout's cost at batch 1)."""
+        kept = batch * self.model.num_blocks * plan.layouts[0].num_tokens ** 2
         return RolloutAccumulator(plan, self.start_layer, self.discard_ratio, self.residual_weight,
-                                  self.normalize, self.per_layer)
+                                  self.normalize, self.per_layer, row_only=kept <= ROW_ONLY_ELEMENTS)
 
     def finish(self, acc: RolloutAccumulator, logits: torch.Tensor, target: torch.Tensor | None,
                arts: Artifacts | None = None) -> Explanation:
@@ -195,7 +216,7 @@ class Rollout(Method):
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Rollout maps for a batch (``target`` is ignored: rollout is class-agnostic)."""
         x = self.batch(x)
-        acc = self.accumulator(self.model.stage_plan(tuple(x.shape[-2:])))
+        acc = self.accumulator(self.model.stage_plan(tuple(x.shape[-2:])), x.shape[0])
         tracker = ArtifactTracker(self.model, self.exclude_artifacts, tuple(x.shape[-2:]))
 
         def fold(i: int, p: torch.Tensor) -> None:
