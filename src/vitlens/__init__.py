@@ -21,12 +21,25 @@ _WHERE = {
     "VitModel": "vitlens.models", "load_model": "vitlens.models", "wrap": "vitlens.models",
     "apply_edit": "vitlens.methods.whatif", "parse_edit": "vitlens.methods.whatif", "whatif": "vitlens.methods.whatif",
     "report": "vitlens.viz.report",
+    "GenericAttention": "vitlens.methods.gae",
+    "LeGrad": "vitlens.methods.legrad",
+    "TokenGradCAM": "vitlens.methods.token_gradcam",
+    "IntegratedGradients": "vitlens.methods.input_attribution",
+    "InputXGradient": "vitlens.methods.input_attribution",
+    "Saliency": "vitlens.methods.input_attribution",
+    "AttentionFlow": "vitlens.methods.flow",
+    "TransformerAttribution": "vitlens.methods.transformer_attribution",
+    "AttnLRP": "vitlens.methods.attnlrp",
+    "wrap_by_names": "vitlens.models",
+    "GenericAdapter": "vitlens.models",
 }
 
 __all__ = [
-    "METHODS", "AttentionMaps", "AttentionRecord", "Explanation", "GradRollout", "Lime", "Occlusion", "Preprocess",
-    "Rollout", "TokenLayout", "VitModel", "VitlensError", "apply_edit", "load_image", "load_model", "parse_edit",
-    "record", "report", "whatif", "wrap",
+    "AttentionFlow", "AttentionMaps", "AttentionRecord", "AttnLRP", "Explanation", "GenericAdapter",
+    "GenericAttention", "GradRollout", "InputXGradient", "IntegratedGradients", "LeGrad", "Lime", "METHODS",
+    "Occlusion", "Preprocess", "Rollout", "Saliency", "TokenGradCAM", "TokenLayout", "TransformerAttribution",
+    "VitModel", "VitlensError", "apply_edit", "load_image", "load_model", "parse_edit", "record", "report", "whatif",
+    "wrap", "wrap_by_names",
 ]
 
 
@@ -49,6 +62,13 @@ if TYPE_CHECKING:
     from vitlens.images import Preprocess, load_image
     from vitlens.layout import TokenLayout
     from vitlens.methods import METHODS, AttentionMaps, GradRollout, Lime, Occlusion, Rollout
+    from vitlens.methods.attnlrp import AttnLRP
+    from vitlens.methods.flow import AttentionFlow
+    from vitlens.methods.gae import GenericAttention
+    from vitlens.methods.input_attribution import InputXGradient, IntegratedGradients, Saliency
+    from vitlens.methods.legrad import LeGrad
+    from vitlens.methods.token_gradcam import TokenGradCAM
+    from vitlens.methods.transformer_attribution import TransformerAttribution
     from vitlens.methods.whatif import apply_edit, parse_edit, whatif
-    from vitlens.models import VitModel, load_model, wrap
+    from vitlens.models import GenericAdapter, VitModel, load_model, wrap, wrap_by_names
     from vitlens.viz.report import report
