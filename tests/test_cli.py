@@ -440,3 +440,26 @@ def test_demo_prefers_the_embedded_scenes_model(tmp_path, monkeypatch, hf_dir):
     monkeypatch.setattr(zoo, "zoo_models", lambda: {})
     model, images, note = demo_cli.demo_inputs(assets=tmp_path / "assets")
     assert model is None and images == [tmp_path / "assets" / "demo_cat.png"] and "randomly initialised" in note
+
+
+def test_compare_methods_side_by_side_draws_each_library_map(hf_dir, image, tmp_path, capsys, monkeypatch):
+    from vitlens import GenericAttention
+
+    model = _library_model(str(hf_dir))
+    x, _ = model.preprocess([load_image(image)])
+    calls = _recorder(monkeypatch, "compare_figure")
+    code, _, err = run(["compare", image, "--model", hf_dir, "--methods", "rollout,gae", "--target", "2",
+                        "--head-fusion", "max", "--start-layer", "1", "--query", "1,1", "--out", tmp_path / "m.png"],
+                       capsys)
+    assert code == 0, err
+    assert "--query does not apply to rollout, gae" in err and "--head-fusion" not in err
+    (t0, rollout_map), (t1, gae_map) = calls[0][1]
+    np.testing.assert_allclose(rollout_map, Rollout(model, head_fusion="max", start_layer=1).explain(x).numpy()[0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gae_map, GenericAttention(model, start_layer=1).explain(x, target=2).numpy()[0],
+                               rtol=1e-5, atol=1e-6)
+    assert "'Coat' (class 2" in t1
+    _not_blank(tmp_path / "m.png")
+    code, _, err = run(["compare", image, "--model", hf_dir, "--methods", "rollout,nope", "--out", tmp_path / "n.png"],
+                       capsys)
+    assert code == 2 and "unknown method 'nope'" in err and not (tmp_path / "n.png").exists()

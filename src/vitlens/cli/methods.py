@@ -86,6 +86,32 @@ def build_method(model: Any, name: str, given: dict[str, Any], **fixed: Any) -> 
     return cls(model, **kw, **fixed), notes
 
 
+def every_option(name: str) -> Option:
+    """The declaration of option ``name`` in whichever registered method declares it."""
+    return declared_options(METHODS)[name][0]
+
+
+def build_methods(model: Any, names: list[str], given: dict[str, Any]) -> tuple[list[Method], list[str]]:
+    """Several methods at once for a side-by-side figure: each takes the ``given`` options it declares; the notes
+    name the options none of them takes. A class-specific method on a backbone is left out with a note."""
+    if not names:
+        raise VitlensError("--methods needs at least one method name, e.g. rollout,gae")
+    built, notes = [], []
+    for name in names:
+        if name in METHODS and METHODS[name].class_specific and not model.has_head:
+            notes.append(f"note: the model has no classification head, so {name} is left out")
+            continue
+        own = {o.name for o in METHODS[name].options} if name in METHODS else set()
+        method, _ = build_method(model, name, {k: v for k, v in given.items() if k in own})
+        built.append(method)
+    used = {o.name for m in built for o in m.options}
+    notes += [f"note: {every_option(k).flag} does not apply to {', '.join(names)}; ignored" for k in given
+              if k not in used]
+    if not built:
+        raise VitlensError("none of --methods applies to this model; add a class-agnostic method such as rollout")
+    return built, notes
+
+
 def resolve_method_target(model: Any, method: type[Method] | Method, target: str | int | None
                           ) -> tuple[int | None, list[str]]:
     """The target class index for ``method`` (checked against the head whatever the method), plus a note when the

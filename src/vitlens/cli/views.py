@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from vitlens.cli.common import echo_notes, load, model_options, one_image, out_png
-from vitlens.cli.methods import build_method, method_options, pop_options
+from vitlens.cli.methods import build_method, build_methods, every_option, method_options, pop_options
 from vitlens.cli.outputs import write_all
+from vitlens.methods import METHODS
 from vitlens.models.labels import resolve_target
 from vitlens.viz import plots
 from vitlens.viz.figures import save_figure
@@ -51,20 +52,33 @@ def layers(image: str, model_spec: str, weights: str | None, timm_kwargs: str | 
 @click.command()
 @click.argument("image", type=click.Path())
 @model_options
-@method_options(["grad_rollout"], defaults={"discard_ratio": 0.9})
-@click.option("--target", default=None, metavar="CLASS", help="Class for the grad rollout panel [default: top-1].")
+@click.option("--methods", default=None, metavar="A,B,...",
+              help="Methods side by side (any of `vitlens explain --method`'s) [default: rollout with mean, max and "
+                   "min fusion and grad rollout, discard ratio 0.9].")
+@method_options()
+@click.option("--target", default=None, metavar="CLASS", help="Class for class-specific methods [default: top-1].")
 @click.option("--out", required=True, metavar="FILE.png")
 def compare(image: str, model_spec: str, weights: str | None, timm_kwargs: str | None, image_size: int | None,
-            device: str, target: str | None, out: str, **options: Any) -> None:
-    """The image beside rollout with mean, max and min head fusion and gradient rollout."""
+            device: str, methods: str | None, target: str | None, out: str, **options: Any) -> None:
+    """The image beside several maps: rollout variants and grad rollout, or the --methods given, in a row."""
     dest = out_png(out)
-    given = pop_options(options, ["grad_rollout"])
+    given = pop_options(options)
     model = load(model_spec, weights, timm_kwargs, image_size, device)
-    build_method(model, "rollout", given)  # validate before reading the image
     t = resolve_target(model, target)
-    path, view = one_image(image, model)
-    fig, notes = plots.compare_plot(model, view, target=t, **given)
-    echo_notes(notes)
+    if methods is None:
+        rollout_only = {k: v for k, v in given.items() if k in {o.name for o in METHODS["grad_rollout"].options}}
+        notes = [f"note: {every_option(k).flag} does not apply to compare's rollout panels; ignored"
+                 for k in given if k not in rollout_only]
+        rollout_only.setdefault("discard_ratio", 0.9)
+        build_method(model, "rollout", rollout_only)  # validate before reading the image
+        path, view = one_image(image, model)
+        fig, more = plots.compare_plot(model, view, target=t, **rollout_only)
+    else:
+        names = [n.strip() for n in methods.split(",") if n.strip()]
+        built, notes = build_methods(model, names, given)
+        path, view = one_image(image, model)
+        fig, more = plots.methods_plot(model, view, built, target=t)
+    echo_notes(notes + more)
     click.echo(f"wrote {write_all([(dest, partial(save_figure, fig))], [path])[0]}")
 
 

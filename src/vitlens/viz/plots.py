@@ -109,6 +109,23 @@ def compare_plot(model: VitModel, view: Image.Image, target: int | None = None, 
     return compare_figure(view, panels, title), notes
 
 
+def methods_plot(model: VitModel, view: Image.Image, methods: Sequence[Any], target: int | None = None
+                 ) -> tuple[Figure, list[str]]:
+    """The input beside the map of each method (built methods, in order); class-specific ones explain ``target``
+    (default: the top-1 class). Returns the figure and notes."""
+    x = model.preprocess.tensor(view)[None]
+    panels = []
+    exp = None
+    for method in methods:
+        exp = method.explain(x, target=target if method.class_specific else None)
+        m = exp.numpy()[0]
+        check_finite(m, f"the {exp.method} map")
+        panels.append((describe(exp, model), m))
+    top = top_predictions(model, exp.probs[0] if exp is not None and exp.probs is not None else None, k=1)
+    title = "Methods side by side" + (f" (top prediction: {top[0][0]}, {percent(top[0][1])})" if top else "")
+    return compare_figure(view, panels, title), []
+
+
 def grad_top_plot(model: VitModel, view: Image.Image, k: int = 3, discard_ratio: float = 0.0,
                   classes: Sequence[int] | None = None) -> Figure:
     """The input beside grad rollout for each of ``classes`` (default: the model's ``k`` most probable classes)."""
