@@ -32,6 +32,8 @@ DEMO_NOTE = (
     "so its maps show the method, not learned behaviour"
 )
 DEMO_MODEL = "scenes-vit"
+DEMO_MODELS = ("scenes-dinov2", DEMO_MODEL)  # the first that is installed and loads is used
+PHOTO_MODEL = "dinov2-small"  # the real photos' model (needs the dinov2 extra, see vitlens.models.dinov2_onnx)
 
 
 @dataclass
@@ -65,14 +67,40 @@ def demo_inputs(model_name: str = DEMO_MODEL,
     """The demo's (trained model or None, images, note): the embedded scenes model with the shipped scene images when
     both are installed; else None (use `random_vit`) with the bundled cat photo and the note saying so.
     ``assets`` overrides the package's assets folder."""
+    assets = Path(assets) if assets is not None else Path(str(resources.files("vitlens"))) / "assets"
+    scenes = _scene_images(assets / "scenes")
+    _, model, note = pick_demo_model((model_name,) if model_name != DEMO_MODEL else DEMO_MODELS)
+    if model is not None and scenes:
+        return model, scenes, note
+    return None, [assets / "demo_cat.png"], DEMO_NOTE
+
+
+def pick_demo_model(names: Sequence[str] = DEMO_MODELS) -> tuple[str, VitModel | None, str]:
+    """(name, model, note) of the first embedded model of ``names`` that is installed and loads; the note says in one
+    line why a preferred one was passed over (e.g. vitlens:scenes-dinov2 without the dinov2 extra)."""
     from vitlens.models import zoo
 
-    assets = Path(assets) if assets is not None else Path(str(resources.files("vitlens"))) / "assets"
-    if model_name in zoo.zoo_models():
-        scenes = _scene_images(assets / "scenes")
-        if scenes:
-            return load_model(f"vitlens:{model_name}"), scenes, ""
-    return None, [assets / "demo_cat.png"], DEMO_NOTE
+    found, notes = zoo.zoo_models(), []
+    for name in names:
+        if name not in found:
+            continue
+        try:
+            return name, load_model(f"vitlens:{name}"), "; ".join(notes)
+        except VitlensError as e:
+            notes.append(f"note: vitlens:{name} is not available ({e}); falling back")
+    return "", None, "; ".join(notes)
+
+
+def photo_model() -> tuple[VitModel | None, str]:
+    """`vitlens:dinov2-small` for the real photos, or None and a one-line note when it cannot be loaded."""
+    from vitlens.models import zoo
+
+    if PHOTO_MODEL not in zoo.zoo_models():
+        return None, ""
+    try:
+        return load_model(f"vitlens:{PHOTO_MODEL}"), ""
+    except VitlensError as e:
+        return None, f"note: no real-photo figures: {e}"
 
 
 def scene_classes(image: Path) -> list[int] | None:
@@ -104,11 +132,16 @@ def _rollout_plot(model: VitModel, view: Image.Image, **options: Any) -> Figure:
 
 
 def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model: VitModel | None = None,
-             images: Sequence[str | Path] | None = None, note: str | None = None) -> DemoResult:
+             images: Sequence[str | Path] | None = None, note: str | None = None,
+             photos: VitModel | None = None) -> DemoResult:
     """Write the demo figures and an index.html into ``out`` (all or nothing): per image the heads grid, rollout
     with mean fusion and with max fusion (discard 0.9), rollout after every block, and grad rollout for each object's
-    class (or the top classes). Without ``model``/``images`` it uses `demo_inputs` (and `random_vit`)."""
+    class (or the top classes). Without ``model``/``images`` it uses `demo_inputs` (and `random_vit`). With
+    ``photos`` (`vitlens:dinov2-small`), also the real photos of `vitlens.viz.photos`: heads grid, and last-block
+    attention and rollout with the artifact patches boxed, before and after ``exclude_artifacts``."""
     from tqdm.auto import tqdm
+
+    from vitlens.viz.photos import photo_jobs, real_photos
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -130,8 +163,10 @@ def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model
         ("layers", "attention rollout after every block", partial(plots.layers_plot, model)),
     ]
     grad = model.has_head
-    bar = tqdm(total=len(views) * (len(jobs) + grad), desc="demo", unit="figure", disable=progress_off(progress, 2),
-               file=sys.stderr)
+    pictures = real_photos() if photos is not None else {}
+    more = photo_jobs(load_model(photos, device=device)) if photos is not None else []
+    bar = tqdm(total=len(views) * (len(jobs) + grad) + len(pictures) * len(more), desc="demo", unit="figure",
+               disable=progress_off(progress, 2), file=sys.stderr)
     with bar, Outputs(paths) as tx:
         for path, view in zip(paths, views):
             image_jobs = list(jobs)
@@ -144,6 +179,12 @@ def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model
                 result.figures.append((f"{path.name}: {caption}", target))
                 bar.update(1)
             result.reports.append(tx.add(out / f"{path.stem}_report.html", partial(write_report, model, path)))
+        for name, photo in pictures.items():
+            view = photos.preprocess.view(photo) if photos is not None else photo
+            for suffix, caption, job in more:
+                target = tx.add(out / f"photo_{name}_{suffix}.png", partial(save_figure, job(view)))
+                result.figures.append((f"{name} (photo): {caption}", target))
+                bar.update(1)
         entries = [(cap, os.path.relpath(p, out)) for cap, p in result.figures]
         title = f"vitlens demo ({result.model}, {model.num_blocks} blocks)"
         page = partial(write_index, title=title, entries=entries, note=result.note.removeprefix("note: "))
@@ -158,11 +199,17 @@ def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model
 @click.option("--device", default="cpu", show_default=True)
 def demo(out: str, device: str) -> None:
     """Write example figures (heads, rollout variants, rollout per block, grad rollout) and an index.html."""
-    model, images, note = demo_inputs()
+    name, model, note = pick_demo_model()
+    images = _scene_images(Path(str(resources.files("vitlens"))) / "assets" / "scenes")
+    if model is None or not images:
+        model, images, note = demo_inputs()
+    photos, photo_note = photo_model()
+    note = "; ".join(n for n in (note, photo_note) if n)
     if note:
         click.echo(note)
-    result = run_demo(out, device=device, progress=True, model=model or random_vit(), images=images, note=note)
-    click.echo(f"model: {f'vitlens:{DEMO_MODEL} ' if model is not None else ''}({result.model})")
+    result = run_demo(out, device=device, progress=True, model=model or random_vit(), images=images, note=note,
+                      photos=photos)
+    click.echo(f"model: {f'vitlens:{name} ' if model is not None and name else ''}({result.model})")
     for path in [p for _, p in result.figures] + result.reports:
         click.echo(f"wrote {path}")
     click.echo(f"open {result.index} to see them all")
