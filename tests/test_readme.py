@@ -51,3 +51,12 @@ def test_readme_command_runs_as_shown(argv, tmp_path, monkeypatch, capsys):
         if path.suffix == ".png":
             with Image.open(tmp_path / path) as im:
                 assert im.format == "PNG" and min(im.size) >= 100
+
+
+def test_the_readme_describes_every_registered_method():
+    from vitlens.methods import METHODS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Methods"):text.index("## Swin Transformer")]
+    for name in METHODS:
+        assert f"`{name}`" in section, name
