@@ -6,6 +6,9 @@ The baseline is the timm model as is (fused attention, parameters requiring grad
 ``logits[:, target].sum().backward()``, measured in the same process. Variants run in interleaved rounds whose order
 rotates (bench_rollout.py's scheme); each ratio is the median over rounds of variant time / baseline time in the same
 round. Target: both methods within 2x of the baseline (issue 12).
+
+``--flops`` also counts the floating-point operations of one call of each variant (torch's FlopCounterMode: matrix
+products and convolutions), a load-independent companion to the wall-clock ratios on a shared machine.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import _env  # noqa: F401  (before any timm import: makes timm importable, pins threads)
 import vitlens
@@ -65,6 +69,41 @@ def bench_case(name: str, batch: int, warmup: int, repeats: int, min_seconds: fl
     return out
 
 
+class _Flops(TorchDispatchMode):
+    """Counts the FLOPs of matrix products and convolutions with torch's formulas (FlopCounterMode's registry, without
+    its module tracker, whose hooks refuse torch.autograd.grad on a leaf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry, self.total = flop_registry, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def flop_ratios(name: str, batch: int) -> dict[str, float]:
+    """GFLOP of one call of each variant and its ratio to the baseline's, printed as a table."""
+    module, model = build(name)
+    x = torch.randn(batch, 3, 224, 224)
+    counts = {}
+    for n, fn in variants(module, model, x).items():
+        fn()  # warm caches (|W| splits) as in the timed runs
+        with _Flops() as counter:
+            fn()
+        counts[n] = counter.total
+    print(f"\n{name}  batch {batch}: GFLOP per call (matrix products, convolutions) and ratio to the baseline")
+    for n, c in counts.items():
+        print(f"  {n:32s} {c / 1e9:10.2f} {c / counts[BASE]:6.3f}")
+    return {n: c / counts[BASE] for n, c in counts.items()}
+
+
 def main() -> None:
     """Run the benchmark and print the tables and verdicts."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,10 +111,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
     ap.add_argument("--min-seconds", type=float, default=6.0, help="keep adding rounds (up to 25) until this much time")
+    ap.add_argument("--flops", action="store_true", help="count FLOPs instead of timing (load-independent)")
     args = ap.parse_args()
     models, batches = (MODELS[:1], (1,)) if args.quick else (MODELS, (1, 8))
     warmup, repeats, min_s = (1, 1, 0.0) if args.quick else (args.warmup, args.repeats, args.min_seconds)
     print("bench_lrp:", _env.describe())
+    if args.flops:
+        for m in models:
+            for b in batches:
+                flop_ratios(m, b)
+        return
     results = {(m, b): bench_case(m, b, warmup, repeats, min_s) for m in models for b in batches}
     print(f"\nTarget: ratio <= {TARGET} (median paired ratio to a plain forward + backward)")
     for (m, b), r in results.items():
