@@ -210,6 +210,17 @@ def _installed_name(key: str, expected: dict) -> str:
     return key
 
 
+def _saved_name(key: str, saved: dict) -> str:
+    """``key`` as a save_pretrained file names it: transformers 5 writes the attention projections under their
+    version-4 names (attention.attention.query, ...) even though its modules call them q_proj, ..."""
+    if key in saved:
+        return key
+    for old, new in _RENAMED.items():
+        if new in key and key.replace(new, old) in saved:
+            return key.replace(new, old)
+    return key
+
+
 def preprocessor_config(crop: int = 224, shortest_edge: int = 256) -> dict[str, Any]:
     """DINOv2's own preprocessing: shortest edge 256 (bicubic), centre crop 224, [0, 1], ImageNet mean/std."""
     return {
@@ -316,7 +327,7 @@ def ensure_assembled(packaged: Path, backbone: Path, source: dict, root: Path | 
         return out
     prefix = str(source.get("prefix", ""))
     merged = {prefix + k: v for k, v in load_file(str(backbone / "model.safetensors")).items()}
-    tuned = load_file(str(weights))
+    tuned = {_saved_name(k, merged): v for k, v in load_file(str(weights)).items()}
     unknown = sorted(k for k in tuned if k not in merged and not k.startswith(str(source.get("head", "classifier"))))
     if unknown:
         raise VitlensError(f"{weights} holds {unknown[0]}, which the backbone {backbone.name} lacks; reinstall vitlens")
