@@ -80,7 +80,7 @@ def pick_demo_model(names: Sequence[str] = DEMO_MODELS) -> tuple[str, VitModel |
     line why a preferred one was passed over (e.g. vitlens:scenes-dinov2 without the dinov2 extra)."""
     from vitlens.models import zoo
 
-    found, notes = zoo.zoo_models(), []
+    found, notes = zoo.zoo_models(), list[str]()
     for name in names:
         if name not in found:
             continue

@@ -80,7 +80,7 @@ def token_norms(model: VitModel, x: torch.Tensor) -> torch.Tensor:
     """L2 norm of every patch token after every block: [B, L, gh, gw] for a batch [B, 3, H, W]."""
     from vitlens.taps import tap_tokens
 
-    layout = _flat_layout(model, tuple(x.shape[-2:]))
+    layout = _flat_layout(model, (x.shape[-2], x.shape[-1]))
     with torch.no_grad(), tap_tokens(model, list(range(model.num_blocks)), where="output") as taps:
         model(x)
     return torch.stack([patch_norms(taps[i], layout) for i in range(model.num_blocks)], 1)
@@ -88,7 +88,7 @@ def token_norms(model: VitModel, x: torch.Tensor) -> torch.Tensor:
 
 def attention_received(model: VitModel, x: torch.Tensor) -> torch.Tensor:
     """Attention each patch receives in every block, as a multiple of uniform: [B, L, gh, gw]."""
-    layout = _flat_layout(model, tuple(x.shape[-2:]))
+    layout = _flat_layout(model, (x.shape[-2], x.shape[-1]))
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad(), model.record(stream=lambda i, p: out.__setitem__(i, received(p, layout))):
         model(x)

@@ -20,6 +20,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def classifier_config(backbone_config):
     return cfg
 
 
-def build_classifier(backbone_folder: Path) -> nn.Module:
+def build_classifier(backbone_folder: Path) -> Any:
     """A ``Dinov2ForImageClassification`` whose backbone holds the converted DINOv2 weights (head freshly drawn)."""
     from transformers import Dinov2ForImageClassification, Dinov2Model
 
@@ -76,7 +77,7 @@ def normalise(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def frozen_tokens(model: nn.Module, images: np.ndarray, batch_size: int = 100) -> torch.Tensor:
+def frozen_tokens(model: Any, images: np.ndarray, batch_size: int = 100) -> torch.Tensor:
     """Block FROZEN-1's output tokens [N, 1 + GRID^2, width] in float16 for uint8 images already at IMAGE_SIZE."""
     out = []
     for k in range(0, len(images), batch_size):
@@ -87,7 +88,7 @@ def frozen_tokens(model: nn.Module, images: np.ndarray, batch_size: int = 100) -
     return torch.cat(out)
 
 
-def top(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def top(model: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, final normalised tokens) from block FROZEN-1's tokens, exactly as the full model computes them."""
     for layer in model.dinov2.encoder.layer[FROZEN:]:
         h = layer(h)
@@ -95,7 +96,7 @@ def top(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return model.classifier(torch.cat([h[:, 0], h[:, 1:].mean(dim=1)], dim=1)), h
 
 
-def tuned_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def tuned_state(model: Any) -> dict[str, torch.Tensor]:
     """The shipped tensors: blocks FROZEN.., final layernorm and head, float16, under the classifier's names."""
     keep = tuple(f"dinov2.encoder.layer.{i}." for i in range(FROZEN, model.config.num_hidden_layers))
     return {k: v.detach().half().contiguous() for k, v in model.state_dict().items()
@@ -103,7 +104,7 @@ def tuned_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_cached(model: nn.Module, tokens: torch.Tensor, batch_size: int = 250) -> np.ndarray:
+def predict_cached(model: Any, tokens: torch.Tensor, batch_size: int = 250) -> np.ndarray:
     """Sigmoid probabilities from cached tokens."""
     model.eval()
     return np.concatenate([torch.sigmoid(top(model, tokens[k: k + batch_size].float())[0]).numpy()

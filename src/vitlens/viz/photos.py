@@ -37,7 +37,7 @@ def real_photos() -> dict[str, Image.Image]:
 
     for name, file in MATPLOTLIB_PHOTOS.items():
         try:
-            with Image.open(cbook.get_sample_data(file)) as im:
+            with Image.open(cbook.get_sample_data(file, asfileobj=False)) as im:
                 photos[name] = im.convert("RGB")
         except (OSError, ValueError):
             pass
@@ -56,7 +56,7 @@ def _maps(model: VitModel, view: Image.Image, k: int):
     plain_r, excl_r = Rollout(model).explain(x), Rollout(model, exclude_artifacts=k).explain(x)
     plain_a, excl_a = AttentionMaps(model).explain(x), AttentionMaps(model, exclude_artifacts=k).explain(x)
     ex = excl_r.extras
-    arts = Artifacts(ex["artifacts"], ex["artifact_scores"], tuple(plain_r.maps.shape[-2:]),
+    arts = Artifacts(ex["artifacts"], ex["artifact_scores"], (plain_r.maps.shape[-2], plain_r.maps.shape[-1]),
                      ex["artifact_scores"][:, -1], "attention")
     return plain_r, excl_r, plain_a, excl_a, arts
 
