@@ -6,6 +6,8 @@ model classes. Declaring the two op schemas first lets their pure-Python model c
 the test set-up only (bench/_env.py loads this file for the benchmarks), never in the library or the user environment.
 """
 
+import os
+
 import torch
 
 
@@ -28,3 +30,7 @@ def declare_torchvision_ops() -> None:
 _keep: list[torch.library.Library] = []
 declare_torchvision_ops()
 torch.manual_seed(0)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the two cores: one intra-op thread each avoids oversubscription
+    torch.set_num_threads(1)

@@ -52,8 +52,8 @@ class AttentionRecord:
         idx = self.captured() if blocks is None else [i for i in self.captured() if i in set(blocks)]
         if not idx:
             raise VitlensError("no attention was recorded: run the model inside record(grads=True) first")
-        tensors = [self._raw[i] for i in idx]
-        if not all(t.requires_grad for t in tensors):
+        tensors = [t for i in idx if (t := self._raw[i]) is not None]
+        if len(tensors) != len(idx) or not all(t.requires_grad for t in tensors):
             raise VitlensError("attention was recorded without gradients: use record(grads=True)")
         got = torch.autograd.grad(score.sum(), tensors, retain_graph=retain_graph, allow_unused=True)
         out: list[torch.Tensor | None] = [None] * self.num_blocks

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
+from matplotlib.figure import Figure
 
 from vitlens.cli.common import echo_notes, load, model_options
 from vitlens.cli.outputs import write_all
@@ -102,7 +103,7 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     table = markdown(summary(rows, mets, names), mets, "vitlens evaluate", notes)
     figs = curve_figures(rows, mets, names)
     outputs: list[tuple[str | Path, Any]] = [(folder / TABLE_NAME, lambda p: Path(p).write_text(table))]
-    outputs += [(folder / f"{stem}.png", partial(save_figure, fig)) for stem, fig in figs.items()]
+    outputs += [(folder / f"{stem}.png", partial(save_figure, cast(Figure, fig))) for stem, fig in figs.items()]
     write_all(outputs)
     click.echo(table)
     click.echo(f"wrote {folder / CSV_NAME}, {folder / TABLE_NAME} and {len(figs)} plots to {folder}")

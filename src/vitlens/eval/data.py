@@ -53,7 +53,10 @@ def _class(model: Any, value: Any, where: Path) -> int | None:
     from vitlens.models.labels import resolve_target
 
     try:
-        return int(resolve_target(model, value))
+        index = resolve_target(model, value)
+        if index is None:
+            return None
+        return int(index)
     except VitlensError as e:
         raise VitlensError(f"{where}: {e}") from None
 

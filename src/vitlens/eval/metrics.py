@@ -289,7 +289,7 @@ class Energy(Metric):
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         assert batch.masks is not None
-        up = _upsample(batch.maps, tuple(batch.masks.shape[-2:])).clamp_min(0)
+        up = _upsample(batch.maps, (batch.masks.shape[-2], batch.masks.shape[-1])).clamp_min(0)
         total = up.flatten(1).sum(1)
         inside = (up * batch.masks.to(up.device)).flatten(1).sum(1)
         e = torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
@@ -313,7 +313,7 @@ class Segmentation(Metric):
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         assert batch.masks is not None
         gt = batch.masks.to(batch.maps.device).flatten(1)
-        up = _upsample(batch.maps, tuple(batch.masks.shape[-2:])).flatten(1)
+        up = _upsample(batch.maps, (batch.masks.shape[-2], batch.masks.shape[-1])).flatten(1)
         lo, hi = up.amin(1, keepdim=True), up.amax(1, keepdim=True)
         s = torch.where(hi > lo, (up - lo) / (hi - lo).clamp_min(1e-30), torch.zeros_like(up))
         pred = s > s.mean(1, keepdim=True)

@@ -42,10 +42,12 @@ class AttentionFlow(Method):
     exact (see `vitlens.layered_flow`: feasible flows within a certified gap of 1e-12 relative).
 
     Maps are max-normalised; ``extras['flow']`` holds the raw flow values [B, gh, gw] (float64) and
-    ``extras['gap']`` the largest certified distance of any of them to the exact maximum.
+    ``extras['gap']`` the largest certified distance of any of them to the exact maximum (a 0-d tensor).
     """
 
     name = "flow"
+    head_fusion: str
+    residual_weight: float
     description = "max flow from the readout to each patch through the layered attention graph (residual added)"
     options = (
         Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS),
@@ -76,5 +78,5 @@ class AttentionFlow(Method):
         return Explanation(
             maps=max_normalize(raw.float()).to(x.device), method=self.name, params=self.params, target=None,
             logits=logits.detach(), probs=self.probs_or_none(logits.detach()),
-            extras={"flow": raw, "gap": float(np.max(gaps, initial=0.0))},
+            extras={"flow": raw, "gap": torch.tensor(float(np.max(gaps, initial=0.0)), dtype=torch.float64)},
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -124,6 +125,8 @@ class RolloutAccumulator:
             for op in reversed(self.ops):
                 row = row @ op  # [B or 1, 1, N_before]
             return row[:, 0, first.num_prefix:].reshape(-1, *first.grid)
+        if self.result is None:
+            raise VitlensError("rollout has no block to read out yet")
         return readout(self.result, self.plan.layouts[self.stage], self.plan.layouts[0])
 
 
@@ -143,7 +146,14 @@ class Rollout(Method):
 
     name = "rollout"
     description = "products of the per-block attention (heads fused, residual added) read out from the pooled token"
-    options = (
+    head_fusion: str
+    discard_ratio: float
+    start_layer: int
+    residual_weight: float
+    normalize: bool
+    per_layer: bool
+    exclude_artifacts: int
+    options: ClassVar[tuple[Option, ...]] = (
         Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS),
         DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER, EXCLUDE,
     )
@@ -217,7 +227,7 @@ class Rollout(Method):
         """Rollout maps for a batch (``target`` is ignored: rollout is class-agnostic)."""
         x = self.batch(x)
         acc = self.accumulator(self.model.stage_plan(tuple(x.shape[-2:])), x.shape[0])
-        tracker = ArtifactTracker(self.model, self.exclude_artifacts, tuple(x.shape[-2:]))
+        tracker = ArtifactTracker(self.model, self.exclude_artifacts, (x.shape[-2], x.shape[-1]))
 
         def fold(i: int, p: torch.Tensor) -> None:
             tracker.see(i, p)
