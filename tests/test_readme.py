@@ -39,11 +39,12 @@ def test_the_readme_shows_every_command():
 def test_readme_command_runs_as_shown(argv, tmp_path, monkeypatch, capsys):
     (tmp_path / "src").symlink_to(ROOT / "src")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the DINOv2 conversion stays out of ~/.cache
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "error" not in err.lower()
-    written = [Path(w) for w in re.findall(r"wrote (\S+\.(?:png|npy|csv|md))", out.replace(",", ""))]
+    written = [Path(w) for w in re.findall(r"wrote (\S+\.(?:png|npy|csv|md|html))", out.replace(",", ""))]
     if "--out" in argv:
         assert written or "figures to" in out, out
     for path in written:
