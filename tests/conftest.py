@@ -8,6 +8,7 @@ the test set-up only (bench/_env.py loads this file for the benchmarks), never i
 
 import os
 
+import pytest
 import torch
 
 
@@ -34,3 +35,13 @@ torch.manual_seed(0)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest-xdist workers on the two cores: one intra-op thread each avoids oversubscription
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: extra intra-op threads only add contention on a shared machine (test modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

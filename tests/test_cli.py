@@ -17,20 +17,13 @@ from vitlens import GradRollout, Rollout, load_image, load_model
 from vitlens.cli import demo as demo_cli
 from vitlens.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LABELS = ["Sneaker", "Bag", "Coat", "Dress", "Shirt"]
 TIMM_KW = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 5}
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models here are tiny; on a shared 2-core machine extra intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _vit_config():
     from transformers import ViTConfig
 

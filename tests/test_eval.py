@@ -33,18 +33,12 @@ from vitlens.eval.removal import Remover, fill_image
 from vitlens.eval.run import evaluate, header, score_batch
 from vitlens.eval.store import ResumableCSV
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIDE, PATCH = 16, 4  # 4x4 grid of 4-pixel patches
 GRID = (SIDE // PATCH, SIDE // PATCH)
 REGION = [(0, 0), (0, 1), (1, 0), (1, 1)]  # the patches the region model reads (top-left 2x2)
 A, B = 8.0, 3.0  # logit of class 1 = A * (share of the region left intact) - B
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class RegionModel(torch.nn.Module):

@@ -28,6 +28,8 @@ from PIL import Image
 
 from vitlens.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LABELS = ["Sneaker", "Bag", "Coat", "Dress", "Shirt"]
 HOSTILE_LABELS = ["a|b", "line\nbreak", "<script>alert(1)</script>", 'quo"te,comma', "x_*y*`z`"]
 IMAGE_COMMANDS = ("explain", "heads", "layers", "compare", "swin", "lime", "occlusion", "whatif")
@@ -35,15 +37,6 @@ ALARM_S = 30
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: extra intra-op threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save_vit(path: Path, labels: list[str], seed: int = 1, head: bool = True) -> Path:
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 

@@ -10,14 +10,16 @@ so a new method is one file and its registration.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from PIL import Image
 
+from vitlens.capture import AttentionRecord
 from vitlens.errors import VitlensError
+from vitlens.layout import StagePlan
 from vitlens.models.base import VitModel
 
 Target = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
@@ -129,6 +131,13 @@ class Method:
         for name, value in values.items():
             setattr(self, name, type(self).option(name).check(value))
 
+    def check_start_layer(self) -> None:
+        """The ``start_layer`` option (declared with lo=0) must also name a block of this model."""
+        n = self.model.num_blocks
+        start = int(getattr(self, "start_layer", 0))
+        if start >= n:
+            raise VitlensError(f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {start}")
+
     @property
     def params(self) -> dict:
         """The declared options' current values, for the Explanation."""
@@ -158,6 +167,25 @@ class Method:
         raise NotImplementedError
 
 
+@dataclass
+class AttentionGradients:
+    """What `GradientMethod.attention_gradients` returns: the stage plan, the record (``rec.probs[i]``,
+    ``rec.captured()``), d score / d attention per block, the logits and the explained class per image."""
+
+    plan: StagePlan
+    rec: AttentionRecord
+    grads: list[torch.Tensor | None]
+    logits: torch.Tensor
+    target: torch.Tensor | None
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(block index, attention [B, H, N, N], its gradient) for every recorded block, in forward order."""
+        for i in self.rec.captured():
+            probs, grad = self.rec.probs[i], self.grads[i]
+            if probs is not None and grad is not None:
+                yield i, probs, grad
+
+
 class GradientMethod(Method):
     """Base of the gradient methods: the score whose gradient is taken comes from ``target``, which is a class
     index, one index per image, None (each image's top-1 class) or a callable mapping the model output ([B, C]
@@ -165,6 +193,15 @@ class GradientMethod(Method):
     heads work too. A class index on a backbone fails with a clear error when `explain` is called."""
 
     class_specific = True
+
+    def attention_gradients(self, x: torch.Tensor, target: Target, start_layer: int = 0) -> AttentionGradients:
+        """One forward recording the attention of every block from ``start_layer`` on, and d score / d attention."""
+        plan = self.model.stage_plan((x.shape[-2], x.shape[-1]))
+        with self.model.record(grads=True, blocks=range(start_layer, self.model.num_blocks)) as rec:
+            logits = self.model(x)
+            score, t = self.score(logits, target)
+            grads = rec.grads(score)
+        return AttentionGradients(plan, rec, grads, logits.detach(), t)
 
     def score(self, output: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores [B], the class per image or None for a callable target) for the model ``output``."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from vitlens.errors import VitlensError
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.layout import StagePlan
 from vitlens.methods.base import GradientMethod, Images, Target, register
@@ -56,22 +55,15 @@ class GenericAttention(GradientMethod):
     def __init__(self, model, start_layer: int = 0) -> None:
         super().__init__(model)
         self.set_options(start_layer=start_layer)
-        n = self.model.num_blocks
-        if self.start_layer >= n:
-            raise VitlensError(f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {start_layer}")
+        self.check_start_layer()
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """GAE maps for a batch; ``target`` as in `GradientMethod.score` (top-1 by default)."""
-        x = self.batch(x)
-        plan = self.model.stage_plan(tuple(x.shape[-2:]))
-        with self.model.record(grads=True, blocks=range(self.start_layer, self.model.num_blocks)) as rec:
-            logits = self.model(x)
-            score, t = self.score(logits, target)
-            grads = rec.grads(score)
-        acc = GaeAccumulator(plan, self.start_layer)
+        g = self.attention_gradients(self.batch(x), target, self.start_layer)
+        acc = GaeAccumulator(g.plan, self.start_layer)
         with torch.no_grad():
-            for i in rec.captured():
-                acc.add(i, gae_fuse(rec.probs[i], grads[i]))
+            for i, attention, grad in g.blocks():
+                acc.add(i, gae_fuse(attention, grad))
             raw = acc.map().float()
-        return Explanation(maps=max_normalize(raw), method=self.name, params=self.params, target=t,
-                           logits=logits.detach(), probs=self.probs_or_none(logits.detach()), extras={"raw": raw})
+        return Explanation(maps=max_normalize(raw), method=self.name, params=self.params, target=g.target,
+                           logits=g.logits, probs=self.probs_or_none(g.logits), extras={"raw": raw})

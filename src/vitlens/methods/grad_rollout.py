@@ -36,14 +36,9 @@ class GradRollout(GradientMethod, Rollout):
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
         """Class-specific rollout maps for a batch; ``target`` defaults to each sample's top-1 class."""
-        x = self.batch(x)
-        plan = self.model.stage_plan(tuple(x.shape[-2:]))
-        with self.model.record(grads=True, blocks=range(self.start_layer, self.model.num_blocks)) as rec:
-            logits = self.model(x)
-            score, t = self.score(logits, target)
-            grads = rec.grads(score)
-        acc = self.accumulator(plan)
+        g = self.attention_gradients(self.batch(x), target, self.start_layer)
+        acc = self.accumulator(g.plan)
         with torch.no_grad():
-            for i in rec.captured():
-                acc.add(i, (rec.probs[i] * grads[i]).mean(1).clamp_min(0))
-        return self.finish(acc, logits.detach(), t)
+            for i, attention, grad in g.blocks():
+                acc.add(i, (attention * grad).mean(1).clamp_min(0))
+        return self.finish(acc, g.logits, g.target)

@@ -59,9 +59,7 @@ class LeGrad(GradientMethod):
     def __init__(self, model, start_layer: int = 0, rows: str = "all") -> None:
         super().__init__(model)
         self.set_options(start_layer=start_layer, rows=rows)
-        n = self.model.num_blocks
-        if self.start_layer >= n:
-            raise VitlensError(f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {start_layer}")
+        self.check_start_layer()
         if len(self.model.stage_plan(self.model.preprocess.size).layouts) > 1:
             raise VitlensError("legrad applies to plain ViTs: the head of a hierarchical model (Swin) reads only "
                                "its last stage; use gae, gradcam or grad_rollout")

@@ -167,13 +167,6 @@ class Rollout(Method):
                          exclude_artifacts=exclude_artifacts)
         self.check_start_layer()
 
-    def check_start_layer(self) -> None:
-        """``start_layer`` must name a block of this model."""
-        n = self.model.num_blocks
-        if self.start_layer >= n:
-            raise VitlensError(
-                f"start_layer must be in [0, {n - 1}] for a model with {n} blocks; got {self.start_layer}")
-
     @property
     def params(self) -> dict:
         """The options, for the Explanation (``per_layer`` shapes the output, it is not a parameter of the map)."""
