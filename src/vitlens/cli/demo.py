@@ -25,7 +25,7 @@ from vitlens.models.base import VitModel
 from vitlens.models.loading import load_model
 from vitlens.viz import plots
 from vitlens.viz.figures import save_figure, write_index
-from vitlens.viz.report.index import link_reports, write_report
+from vitlens.viz.report.index import write_report
 
 DEMO_NOTE = (
     "note: no embedded trained model is installed yet; this demo uses a randomly initialised ViT built on the spot, "
@@ -187,9 +187,10 @@ def run_demo(out: str | Path, device: str = "cpu", progress: bool = False, model
                 bar.update(1)
         entries = [(cap, os.path.relpath(p, out)) for cap, p in result.figures]
         title = f"vitlens demo ({result.model}, {model.num_blocks} blocks)"
-        page = partial(write_index, title=title, entries=entries, note=result.note.removeprefix("note: "))
         links = [(f"{p.name.removesuffix('_report.html')}: interactive report", p.name) for p in result.reports]
-        result.index = tx.add(out / "index.html", lambda tmp: link_reports(page(tmp), links))
+        page = partial(write_index, title=title, entries=entries, note=result.note.removeprefix("note: "),
+                       links=links)
+        result.index = tx.add(out / "index.html", page)
         tx.commit()
     return result
 

@@ -205,19 +205,29 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     return path
 
 
-def write_index(path: str | Path, title: str, entries: Sequence[tuple[str, str | Path]], note: str = "") -> Path:
-    """A small HTML page showing images: ``entries`` are (caption, image path relative to the page's folder).
-    Captions, title and note are HTML-escaped; image paths are URL-encoded (``#``, ``%``, ``?``, spaces...) per
-    path segment, then escaped, so any file name links to itself."""
+def _href(src: str | Path) -> str:
+    """A relative path as an attribute value: URL-encoded per segment (``#``, ``%``, ``?``, spaces...), then escaped."""
     from urllib.parse import quote
 
+    return html.escape(quote(Path(src).as_posix(), safe="/"))
+
+
+def write_index(path: str | Path, title: str, entries: Sequence[tuple[str, str | Path]], note: str = "",
+                links: Sequence[tuple[str, str | Path]] = ()) -> Path:
+    """A small HTML page showing images: ``entries`` are (caption, image path relative to the page's folder), and
+    ``links`` (caption, page path) a list of links after the heading (e.g. the demo's interactive reports).
+    Captions, title and note are HTML-escaped; paths are URL-encoded per segment, then escaped, so any file name
+    links to itself."""
     path = Path(path)
     items = "\n".join(
         f'<figure><figcaption>{html.escape(cap)}</figcaption>'
-        f'<img src="{html.escape(quote(Path(src).as_posix(), safe="/"))}" alt="{html.escape(cap)}"></figure>'
+        f'<img src="{_href(src)}" alt="{html.escape(cap)}"></figure>'
         for cap, src in entries
     )
     note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
+    if links:
+        anchors = "".join(f'<li><a href="{_href(src)}">{html.escape(cap)}</a></li>' for cap, src in links)
+        note_html = f'\n<section class="reports"><h2>Interactive reports</h2><ul>{anchors}</ul></section>' + note_html
     page = (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em;}}"
