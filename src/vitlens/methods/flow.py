@@ -8,8 +8,8 @@ import torch
 from vitlens.explanation import Explanation, max_normalize
 from vitlens.layered_flow import layered_max_flow
 from vitlens.layout import StagePlan
-from vitlens.methods.base import Images, Method, Option, Target, register
-from vitlens.methods.rollout import HEAD_FUSIONS, RESIDUAL, add_residual, fuse_heads
+from vitlens.methods.base import Images, Method, Target, register
+from vitlens.methods.rollout import FUSION, RESIDUAL, add_residual, fuse_heads
 from vitlens.models.base import VitModel
 
 
@@ -49,10 +49,7 @@ class AttentionFlow(Method):
     head_fusion: str
     residual_weight: float
     description = "max flow from the readout to each patch through the layered attention graph (residual added)"
-    options = (
-        Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS),
-        RESIDUAL,
-    )
+    options = (FUSION, RESIDUAL)
 
     def __init__(self, model: VitModel, head_fusion: str = "mean", residual_weight: float = 0.5) -> None:
         super().__init__(model)

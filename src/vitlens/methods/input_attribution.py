@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,6 @@ class InputAttribution(GradientMethod):
         with _eval_with_grad(self.model.module):
             attr, extras, logits, t = self.attributions(x, target)
         attr = attr.detach().float()
-        attr = attr.detach().float()
         pixels = (attr.abs() if self.channels == "abs" else attr).sum(1)
         raw = pixels if self.pool == "pixel" else pool_pixels(pixels, self.model.patch_size)
         maps = max_normalize(raw) if self.channels == "abs" else raw / raw.flatten(1).abs().amax(1).clamp_min(
@@ -160,35 +159,36 @@ class IntegratedGradients(InputAttribution):
         return attr, {"delta": delta.detach().float()}, logits, t
 
 
+class OnePassAttribution(InputAttribution):
+    """A captum method that needs one forward and one backward: ``captum_class`` called with ``captum_kwargs``."""
+
+    captum_class: ClassVar[str]
+    captum_kwargs: ClassVar[dict[str, Any]] = {}
+    options = (POOL, CHANNELS)
+
+    def __init__(self, model, pool: str = "patch", channels: str = "abs") -> None:
+        super().__init__(model)
+        self._common(pool, channels)
+
+    def attributions(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, dict, torch.Tensor, Any]:
+        """captum ``captum_class`` scoring through `_scoring` (one forward in all)."""
+        return self._one_pass(self.captum_class, x, target, **self.captum_kwargs)
+
+
 @register
-class InputXGradient(InputAttribution):
+class InputXGradient(OnePassAttribution):
     """Input x Gradient through captum: the normalised input times d score / d input."""
 
     name = "ixg"
     description = "input times gradient (captum), summed over channels, pooled to patches"
-    options = (POOL, CHANNELS)
-
-    def __init__(self, model, pool: str = "patch", channels: str = "abs") -> None:
-        super().__init__(model)
-        self._common(pool, channels)
-
-    def attributions(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, dict, torch.Tensor, Any]:
-        """captum InputXGradient."""
-        return self._one_pass("InputXGradient", x, target)
+    captum_class = "InputXGradient"
 
 
 @register
-class Saliency(InputAttribution):
+class Saliency(OnePassAttribution):
     """Saliency (Simonyan et al. 2014) through captum: d score / d input (signed; ``channels='abs'`` sums |.|)."""
 
     name = "saliency"
     description = "gradient of the score with respect to the pixels (captum), summed over channels, pooled to patches"
-    options = (POOL, CHANNELS)
-
-    def __init__(self, model, pool: str = "patch", channels: str = "abs") -> None:
-        super().__init__(model)
-        self._common(pool, channels)
-
-    def attributions(self, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, dict, torch.Tensor, Any]:
-        """captum Saliency without its own absolute value (the channel reduction takes it)."""
-        return self._one_pass("Saliency", x, target, abs=False)
+    captum_class = "Saliency"
+    captum_kwargs = {"abs": False}  # the channel reduction takes the absolute value when asked

@@ -16,6 +16,7 @@ from vitlens.models.base import VitModel
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
+FUSION = Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS)
 DISCARD = Option("discard_ratio", float, 0.0, "Fraction of the lowest attention weights zeroed per block.",
                  lo=0.0, hi=1.0, hi_open=True)
 START = Option("start_layer", int, 0, "First block (0-based) rolled out; earlier blocks count as identity.", lo=0)
@@ -154,7 +155,7 @@ class Rollout(Method):
     per_layer: bool
     exclude_artifacts: int
     options: ClassVar[tuple[Option, ...]] = (
-        Option("head_fusion", str, "mean", "How heads are fused.", choices=HEAD_FUSIONS),
+        FUSION,
         DISCARD, START, RESIDUAL, NORMALIZE, PER_LAYER, EXCLUDE,
     )
 

@@ -182,7 +182,7 @@ def build_backbone(path: Path):
     config = backbone_config(tensors, heads)
     model = transformers.Dinov2Model(config).eval()
     expected = model.state_dict()
-    state = {_installed_name(k, expected): torch.from_numpy(v) for k, v in tensors.items()}
+    state = {_name_in(k, expected, to_new=True): torch.from_numpy(v) for k, v in tensors.items()}
     state["embeddings.mask_token"] = torch.zeros_like(expected["embeddings.mask_token"])
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -200,24 +200,16 @@ _RENAMED = {".attention.attention.query.": ".attention.q_proj.", ".attention.att
             ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
 
 
-def _installed_name(key: str, expected: dict) -> str:
-    """``key`` as the installed transformers names it (its attention projections were renamed in version 5)."""
-    if key in expected:
+def _name_in(key: str, names: dict, to_new: bool) -> str:
+    """``key`` as ``names`` spell it. transformers 5 renamed the attention projections (query -> q_proj, ...) but
+    save_pretrained still writes the version-4 names, so a key may need either spelling: ``to_new`` maps version-4
+    names to the installed modules' names, otherwise the installed names to a saved file's."""
+    if key in names:
         return key
     for old, new in _RENAMED.items():
-        if old in key and key.replace(old, new) in expected:
-            return key.replace(old, new)
-    return key
-
-
-def _saved_name(key: str, saved: dict) -> str:
-    """``key`` as a save_pretrained file names it: transformers 5 writes the attention projections under their
-    version-4 names (attention.attention.query, ...) even though its modules call them q_proj, ..."""
-    if key in saved:
-        return key
-    for old, new in _RENAMED.items():
-        if new in key and key.replace(new, old) in saved:
-            return key.replace(new, old)
+        a, b = (old, new) if to_new else (new, old)
+        if a in key and key.replace(a, b) in names:
+            return key.replace(a, b)
     return key
 
 
@@ -327,7 +319,7 @@ def ensure_assembled(packaged: Path, backbone: Path, source: dict, root: Path | 
         return out
     prefix = str(source.get("prefix", ""))
     merged = {prefix + k: v for k, v in load_file(str(backbone / "model.safetensors")).items()}
-    tuned = {_saved_name(k, merged): v for k, v in load_file(str(weights)).items()}
+    tuned = {_name_in(k, merged, to_new=False): v for k, v in load_file(str(weights)).items()}
     unknown = sorted(k for k in tuned if k not in merged and not k.startswith(str(source.get("head", "classifier"))))
     if unknown:
         raise VitlensError(f"{weights} holds {unknown[0]}, which the backbone {backbone.name} lacks; reinstall vitlens")
