@@ -16,7 +16,7 @@ from torch import nn
 
 from vitlens._utils import pair
 from vitlens.errors import VitlensError
-from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess, check_regular_file, check_tokens
+from vitlens.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess, check_regular_file
 from vitlens.layout import TokenLayout
 from vitlens.models.base import AttentionSite, VitModel
 from vitlens.models.registry import register_adapter
@@ -359,7 +359,6 @@ def load_hf(name_or_path: str, image_size: int | None = None, verbose: bool | No
     pre = hf_preprocess(config, local if local.is_dir() else _hub_folder(transformers, name_or_path))
     if image_size:
         pre = pre.with_size(image_size)
-    check_tokens(pre.size, _config_size(vision_config(config).patch_size, "config.json patch_size"))
     from vitlens.models.loading import wrap
 
     model = wrap(module.eval())
