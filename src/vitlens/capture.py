@@ -49,7 +49,8 @@ class AttentionRecord:
         gives every sample its own gradient. ``blocks`` limits the gradients to those stored blocks (autograd then
         walks only the graph between them and the score); the others are None.
         """
-        idx = self.captured() if blocks is None else [i for i in self.captured() if i in set(blocks)]
+        wanted = None if blocks is None else set(blocks)
+        idx = [i for i in self.captured() if wanted is None or i in wanted]
         if not idx:
             raise VitlensError("no attention was recorded: run the model inside record(grads=True) first")
         tensors = [t for i in idx if (t := self._raw[i]) is not None]

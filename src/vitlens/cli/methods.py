@@ -118,8 +118,8 @@ def resolve_method_target(model: Any, method: type[Method] | Method, target: str
     method is class-agnostic and ignores it."""
     if target is None:
         return None, []
-    if model.has_head or method.class_specific:
-        index = resolve_target(model, target)
-    if not method.class_specific:
-        return None, [f"note: {method.name} is class-agnostic; the target class is ignored"]
-    return index, []
+    if method.class_specific:
+        return resolve_target(model, target), []
+    if model.has_head:
+        resolve_target(model, target)  # out of range is an error whatever the method
+    return None, [f"note: {method.name} is class-agnostic; the target class is ignored"]
