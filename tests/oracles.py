@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -136,9 +138,10 @@ def loop_rollout(attns: list[np.ndarray], weights: np.ndarray, num_prefix: int, 
     return maps
 
 
-def retain_grad_attention(module, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
-    """d logit[target] / d attention probabilities, captured by an independent path: an HF attention function that
-    calls retain_grad on its own softmax output (no vitlens hooks involved)."""
+@contextmanager
+def retained_attention(module) -> Iterator[list[torch.Tensor]]:
+    """While open, ``module`` (transformers) computes attention through the test's own function, which appends each
+    block's softmax output to the yielded list with retain_grad on (an independent path: no vitlens hooks)."""
     from transformers import AttentionInterface
 
     store: list[torch.Tensor] = []
@@ -158,12 +161,18 @@ def retain_grad_attention(module, x: torch.Tensor, target: torch.Tensor) -> list
     for c, _ in saved:
         c._attn_implementation = "vitlens_oracle"
     try:
-        logits = module(pixel_values=x).logits
-        logits.gather(1, target[:, None]).sum().backward()
+        yield store
     finally:
         for c, impl in saved:
             c._attn_implementation = impl
         module.zero_grad(set_to_none=True)
+
+
+def retain_grad_attention(module, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    """d logit[target] / d attention probabilities, captured by an independent path (`retained_attention`)."""
+    with retained_attention(module) as store:
+        logits = module(pixel_values=x).logits
+        logits.gather(1, target[:, None]).sum().backward()
     return [p.grad for p in store]
 
 

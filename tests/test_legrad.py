@@ -8,6 +8,7 @@ from torch import nn
 
 import vitlens
 from factories import build, hf_vit
+from oracles import retained_attention
 from test_swin import _build as build_swin
 from vitlens.errors import VitlensError
 from vitlens.methods.legrad import LeGrad, legrad_layer
@@ -57,42 +58,23 @@ HF_HEADS = {  # the models' heads written out: logits from the tokens leaving a 
 def hf_slow(module, model, x, score, head):
     """One forward with an attention function that retains its softmax's gradient and hooks of the test's own on
     the layers; per block l, backward from head(tokens leaving l) and read block l's attention gradient."""
-    from transformers import AttentionInterface
-
-    probs, outs = [], []
-
-    def attention(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        scores = query @ key.transpose(2, 3) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        p = scores.softmax(-1)
-        p.retain_grad()
-        probs.append(p)
-        return (p @ value).transpose(1, 2).contiguous(), p
-
-    AttentionInterface.register("legrad_oracle", attention)
-    configs = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
-    saved = [(c, c._attn_implementation) for c in configs.values()]
+    outs: list[torch.Tensor] = []
     layers = [m for m in module.modules() if type(m).__name__.endswith("Layer")]
     handles = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
                for layer in layers]
-    for c, _ in saved:
-        c._attn_implementation = "legrad_oracle"
     layout = model.layout(tuple(x.shape[-2:]))
     maps = []
     try:
-        module(pixel_values=x)
-        for i, z in enumerate(outs):
-            for p in probs:
-                p.grad = None
-            score(head(module, z)).sum().backward(retain_graph=True)
-            maps.append(probs[i].grad.clamp_min(0).mean(1).mean(1)[:, layout.num_prefix:])
+        with retained_attention(module) as probs:
+            module(pixel_values=x)
+            for i, z in enumerate(outs):
+                for p in probs:
+                    p.grad = None
+                score(head(module, z)).sum().backward(retain_graph=True)
+                maps.append(probs[i].grad.clamp_min(0).mean(1).mean(1)[:, layout.num_prefix:])
     finally:
-        for c, impl in saved:
-            c._attn_implementation = impl
         for h in handles:
             h.remove()
-        module.zero_grad(set_to_none=True)
     return _patch_grid(maps, layout)
 
 
