@@ -45,3 +45,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def vit3_dir(tmp_path_factory):
+    """A tiny transformers ViT classifier folder (save_pretrained; 32 px, patch 8, 2 blocks, 2 heads, 3 classes,
+    seed 1), shared by the what-if and evaluation tests."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(1)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=3)
+    path = tmp_path_factory.mktemp("models") / "vit3"
+    ViTForImageClassification(cfg).save_pretrained(path)
+    return path

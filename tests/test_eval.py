@@ -344,18 +344,6 @@ def test_resume_after_an_interruption_gives_the_same_csv(tiny, tmp_path):
 
 # ---- the command ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(1)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, num_labels=3)
-    path = tmp_path_factory.mktemp("models") / "vit"
-    ViTForImageClassification(cfg).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
@@ -369,9 +357,9 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_evaluate_command_writes_csv_table_plots_and_resumes(model_dir, data_dir, tmp_path, capsys):
+def test_evaluate_command_writes_csv_table_plots_and_resumes(vit3_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    argv = ["evaluate", "--model", model_dir, "--data", data_dir, "--methods", "rollout,grad_rollout", "--metrics",
+    argv = ["evaluate", "--model", vit3_dir, "--data", data_dir, "--methods", "rollout,grad_rollout", "--metrics",
             "positive,deletion,pointing,energy", "--n", "3", "--batch-size", "2", "--out", out]
     assert main([str(a) for a in argv]) == 0
     text = capsys.readouterr().out
@@ -394,7 +382,7 @@ def test_evaluate_command_writes_csv_table_plots_and_resumes(model_dir, data_dir
     (["--baseline", "drop", "--methods", "rollout", "--metrics", "positive", "--data", "BAD_JSON"], "not valid JSON"),
     (["--targets", "pred,maybe"], "unknown target 'maybe'"),
 ])
-def test_evaluate_bad_input_is_one_line(model_dir, data_dir, tmp_path, capsys, extra, message):
+def test_evaluate_bad_input_is_one_line(vit3_dir, data_dir, tmp_path, capsys, extra, message):
     data = str(data_dir)
     if "BAD_JSON" in extra:
         bad = tmp_path / "bad"
@@ -402,7 +390,7 @@ def test_evaluate_bad_input_is_one_line(model_dir, data_dir, tmp_path, capsys, e
         Image.new("RGB", (8, 8)).save(bad / "a.png")
         (bad / "a.json").write_text("{not json")
         extra = [str(bad) if e == "BAD_JSON" else e for e in extra]
-    argv = ["evaluate", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "o"), *extra]
+    argv = ["evaluate", "--model", str(vit3_dir), "--data", data, "--out", str(tmp_path / "o"), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -141,18 +141,6 @@ def test_whatif_table():
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(1)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, num_labels=3)
-    path = tmp_path_factory.mktemp("models") / "hf_vit"
-    ViTForImageClassification(cfg).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> Path:
     img, _ = _image(48, 40)
     p = tmp_path_factory.mktemp("img") / "photo.png"
@@ -167,9 +155,9 @@ def main():
     return main
 
 
-def test_cli_whatif(main, hf_dir, photo, tmp_path, capsys):
+def test_cli_whatif(main, vit3_dir, photo, tmp_path, capsys):
     out = tmp_path / "w.png"
-    rc = main(["whatif", str(photo), "--model", str(hf_dir), "--edit", "move:0,0,10,10:20,20",
+    rc = main(["whatif", str(photo), "--model", str(vit3_dir), "--edit", "move:0,0,10,10:20,20",
                "--edit", "scale:5,5,25,25:0.5", "--edit", "split:0,0,20,20", "--out", str(out)])
     assert rc == 0
     assert out.is_file() and out.with_suffix(".csv").is_file() and out.with_suffix(".md").is_file()
@@ -183,28 +171,28 @@ def test_cli_whatif(main, hf_dir, photo, tmp_path, capsys):
     ("twist:0,0,10,10", "unknown edit kind"),
     ("move:0,0,10:0,0", "comma-separated"),
 ])
-def test_cli_whatif_errors(main, hf_dir, photo, tmp_path, capsys, edit, match):
+def test_cli_whatif_errors(main, vit3_dir, photo, tmp_path, capsys, edit, match):
     out = tmp_path / "w.png"
-    rc = main(["whatif", str(photo), "--model", str(hf_dir), "--edit", edit, "--out", str(out)])
+    rc = main(["whatif", str(photo), "--model", str(vit3_dir), "--edit", edit, "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and match in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_lime_and_occlusion(main, hf_dir, photo, tmp_path, capsys):
+def test_cli_lime_and_occlusion(main, vit3_dir, photo, tmp_path, capsys):
     out = tmp_path / "l.png"
-    rc = main(["lime", str(photo), "--model", str(hf_dir), "--segmentation", "grid", "--n-segments", "4",
+    rc = main(["lime", str(photo), "--model", str(vit3_dir), "--segmentation", "grid", "--n-segments", "4",
                "--num-samples", "24", "--batch-size", "8", "--out", str(out)])
     assert rc == 0 and out.is_file(), capsys.readouterr().err
-    rc = main(["lime", str(photo), "--model", str(hf_dir), "--hide", "drop", "--segmentation", "grid",
+    rc = main(["lime", str(photo), "--model", str(vit3_dir), "--hide", "drop", "--segmentation", "grid",
                "--num-samples", "16", "--out", str(tmp_path / "d.png")])
     assert rc == 0, capsys.readouterr().err
-    rc = main(["occlusion", str(photo), "--model", str(hf_dir), "--window", "8", "--stride", "8,4",
+    rc = main(["occlusion", str(photo), "--model", str(vit3_dir), "--window", "8", "--stride", "8,4",
                "--out", str(tmp_path / "o.png")])
     assert rc == 0 and (tmp_path / "o.png").is_file()
-    rc = main(["lime", str(photo), "--model", str(hf_dir), "--hide", "drop", "--out", str(tmp_path / "x.png")])
+    rc = main(["lime", str(photo), "--model", str(vit3_dir), "--hide", "drop", "--out", str(tmp_path / "x.png")])
     assert rc == 2 and "grid" in capsys.readouterr().err
-    rc = main(["occlusion", str(photo), "--model", str(hf_dir), "--window", "0", "--out", str(tmp_path / "y.png")])
+    rc = main(["occlusion", str(photo), "--model", str(vit3_dir), "--window", "0", "--out", str(tmp_path / "y.png")])
     assert rc == 2
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
@@ -217,19 +205,19 @@ def _png_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def _direct_probs(hf_dir: Path, picture: Image.Image) -> torch.Tensor:
+def _direct_probs(vit3_dir: Path, picture: Image.Image) -> torch.Tensor:
     """The transformers model's own softmax on ``picture`` after vitlens' preprocessing of that model."""
     from transformers import ViTForImageClassification
 
     import vitlens
 
-    x, _ = vitlens.load_model(str(hf_dir)).preprocess([picture])
-    module = ViTForImageClassification.from_pretrained(hf_dir).eval()
+    x, _ = vitlens.load_model(str(vit3_dir)).preprocess([picture])
+    module = ViTForImageClassification.from_pretrained(vit3_dir).eval()
     with torch.no_grad():
         return module(pixel_values=x).logits.softmax(-1)[0]
 
 
-def test_cli_whatif_table_holds_the_models_probabilities(main, hf_dir, photo, tmp_path, capsys):
+def test_cli_whatif_table_holds_the_models_probabilities(main, vit3_dir, photo, tmp_path, capsys):
     """Every number of the CSV table is the model's probability computed directly on the edited image."""
     import csv
 
@@ -239,16 +227,16 @@ def test_cli_whatif_table_holds_the_models_probabilities(main, hf_dir, photo, tm
 
     edits = ["move:0,0,10,10:20,20", "scale:5,5,25,25:0.5", "split:0,0,20,20"]
     out = tmp_path / "w.png"
-    args = ["whatif", str(photo), "--model", str(hf_dir), "--out", str(out)]
+    args = ["whatif", str(photo), "--model", str(vit3_dir), "--out", str(out)]
     assert main([*args[:4], *[a for e in edits for a in ("--edit", e)], *args[4:]]) == 0, capsys.readouterr().err
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
     assert [r["edit"] for r in rows] == ["", *edits]
-    names = AutoConfig.from_pretrained(hf_dir).id2label
+    names = AutoConfig.from_pretrained(vit3_dir).id2label
     original = load_image(photo)
     reference = None
     for row in rows:
         picture = original if not row["edit"] else apply_edit(original, parse_edit(row["edit"]), fill="blur")
-        probs = _direct_probs(hf_dir, picture)
+        probs = _direct_probs(vit3_dir, picture)
         order = probs.argsort(descending=True).tolist()
         reference = order[0] if reference is None else reference
         for k, cls in enumerate(order, 1):  # 3 classes: the top-3 is every class
@@ -259,7 +247,7 @@ def test_cli_whatif_table_holds_the_models_probabilities(main, hf_dir, photo, tm
     assert width > height > 100
 
 
-def test_cli_lime_hide_drop_is_the_librarys_token_drop(main, hf_dir, photo, tmp_path, capsys):
+def test_cli_lime_hide_drop_is_the_librarys_token_drop(main, vit3_dir, photo, tmp_path, capsys):
     """`--hide drop` runs LIME with tokens dropped: the printed probabilities are the model's own on the image, the
     surrogate R^2 is the library's drop run (not the default grey hiding), the figure is the library's figure."""
     from functools import partial
@@ -273,14 +261,14 @@ def test_cli_lime_hide_drop_is_the_librarys_token_drop(main, hf_dir, photo, tmp_
 
     out = tmp_path / "d.png"
     capsys.readouterr()
-    rc = main(["lime", str(photo), "--model", str(hf_dir), "--hide", "drop", "--segmentation", "grid",
+    rc = main(["lime", str(photo), "--model", str(vit3_dir), "--hide", "drop", "--segmentation", "grid",
                "--num-samples", "16", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    model = vitlens.load_model(str(hf_dir))
+    model = vitlens.load_model(str(vit3_dir))
     x, views = model.preprocess([load_image(photo)])  # the tensor and the resized view the CLI draws on
     view = views[0]
-    probs = _direct_probs(hf_dir, load_image(photo))
+    probs = _direct_probs(vit3_dir, load_image(photo))
     top = probs.argsort(descending=True)[:2].tolist()
     for rank, cls in enumerate(top, 1):
         assert f"top-{rank}: {label_of(model, cls)} ({percent(float(probs[cls]))})" in printed
