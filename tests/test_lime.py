@@ -92,7 +92,45 @@ def test_same_seed_same_result_and_other_seed_other_masks():
 def test_batch_size_does_not_change_the_result():
     a = lime(batch_size=7, alpha=1.0).explain(WHITE)
     b = lime(batch_size=300, alpha=1.0).explain(WHITE)
-    assert torch.allclose(a.extras["class_weights"], b.extras["class_weights"], atol=1e-6)
+    assert torch.equal(a.extras["class_weights"], b.extras["class_weights"])
+
+
+class ShapeLog:
+    """A classifier wrapper recording the batch size of every forward."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.rows = inner, []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        return self.inner(x)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("hide", [0.5, "drop"])
+def test_a_real_vit_gives_bit_identical_weights_for_every_batch_size(hide):
+    """A float32 ViT forward is not bitwise the same for every batch shape; LIME's forwards always run in chunks of
+    FORWARD_CHUNK rows starting at the same samples, so every batch size gives the same bits."""
+    from tests.factories import hf_vit
+
+    from vitlens.methods.base import FORWARD_CHUNK
+    from vitlens.models.loading import wrap
+
+    torch.manual_seed(0)
+    vit = wrap(hf_vit().eval())
+    x = torch.randn(3, *vit.preprocess.size)
+    results, logs = [], []
+    for batch_size in (1, 33, 64, 500):
+        m = Lime(vit, segmentation="grid", n_segments=16, num_samples=150, batch_size=batch_size, hide=hide, seed=5)
+        m.model = log = ShapeLog(m.model)
+        results.append(m.explain(x).extras["class_weights"])
+        logs.append(log.rows)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    if hide != "drop":  # token dropping runs the model's blocks directly
+        assert logs[0] == [1] + [FORWARD_CHUNK] * (150 // FORWARD_CHUNK) + [150 % FORWARD_CHUNK]
+        assert all(rows == logs[0] for rows in logs[1:])
 
 
 def test_mean_hide_paints_each_segment_with_its_mean():

@@ -146,6 +146,19 @@ def test_logits_blur_and_batch_size_invariance():
     assert torch.allclose(a.extras["drop"], b.extras["drop"], atol=1e-5)
 
 
+def test_a_real_vit_gives_bit_identical_drops_for_every_batch_size():
+    from tests.factories import hf_vit
+
+    from vitlens.models.loading import wrap
+
+    torch.manual_seed(0)
+    vit = wrap(hf_vit().eval())
+    x = torch.randn(1, 3, *vit.preprocess.size)
+    drops = [Occlusion(vit, window=4, stride=2, baseline="blur", batch_size=b).explain(x).extras["drop"]
+             for b in (1, 40, 500)]
+    assert all(torch.equal(drops[0], d) for d in drops[1:])
+
+
 def test_bad_options():
     with pytest.raises(VitlensError, match="window"):
         Occlusion(_net(), window=0)

@@ -236,6 +236,21 @@ class PerturbationMethod(Method):
         """What is explained: probabilities (default) or logits."""
         return self.model.probabilities(logits) if self.output == "probs" else logits
 
+    @property
+    def build_step(self) -> int:
+        """Perturbed images built at once: ``batch_size`` rounded up to a multiple of `FORWARD_CHUNK`, so that the
+        forward chunks always start at the same sample whatever the batch size."""
+        return -(-self.batch_size // FORWARD_CHUNK) * FORWARD_CHUNK
+
+    def chunked_scores(self, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+                       ) -> torch.Tensor:
+        """Scores of perturbed inputs [N, ...] (run through ``forward``, the model by default) computed in forwards of
+        `FORWARD_CHUNK` rows (the last may be shorter). A float32 forward is not bitwise the same for every batch
+        shape, so a fixed chunk makes each sample's score independent of ``batch_size``: the same seed gives
+        bit-identical results whatever the batch size. Callers pass slices that start at multiples of the chunk."""
+        run = forward or self.model
+        return torch.cat([self.scores(run(x[s : s + FORWARD_CHUNK])) for s in range(0, x.shape[0], FORWARD_CHUNK)])
+
     def to_rgb01(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the model's normalisation: [..., 3, H, W] in [0, 1]."""
         pre = self.model.preprocess
@@ -254,7 +269,10 @@ class PerturbationMethod(Method):
 
 OUTPUT = Option("output", str, "probs", "What is explained: class probabilities or logits.",
                 choices=("probs", "logits"), cli=False)
-BATCH = Option("batch_size", int, 64, "Perturbed images per forward pass.", lo=1, hi=4096)
+# Forwards of perturbed images always have this many rows, whatever batch_size says (see chunked_scores).
+FORWARD_CHUNK = 32
+BATCH = Option("batch_size", int, 64, "Perturbed images built at once (rounded up to a multiple of 32); the model "
+               "always runs them 32 at a time, so the result never depends on it.", lo=1, hi=4096)
 
 
 def model_kind(model: Any) -> str:

@@ -211,9 +211,9 @@ class Lime(PerturbationMethod):
                 counts = keep.sum(1).cpu()
                 for c in torch.unique(counts).tolist():
                     rows = (counts == c).nonzero()[:, 0]
-                    for s in range(0, rows.numel(), self.batch_size):
-                        r = rows[s : s + self.batch_size]
-                        y = self.scores(dropper(keep[r.to(x.device)])).double().cpu()
+                    for s in range(0, rows.numel(), self.build_step):
+                        r = rows[s : s + self.build_step]
+                        y = self.chunked_scores(keep[r.to(x.device)], dropper).double().cpu()
                         out = torch.zeros(n, y.shape[1], dtype=torch.float64) if out is None else out
                         out[r] = y
                         bar.update(r.numel())
@@ -222,10 +222,10 @@ class Lime(PerturbationMethod):
             zf = z.to(x.device, x.dtype)
             flat = segments.reshape(-1)
             hidden = self.hidden_image(x, segments, z.shape[1])
-            for s in range(0, n, self.batch_size):
-                mask = zf[s : s + self.batch_size].index_select(1, flat).view(-1, 1, *segments.shape)  # gather
+            for s in range(0, n, self.build_step):
+                mask = zf[s : s + self.build_step].index_select(1, flat).view(-1, 1, *segments.shape)  # gather
                 # lerp(hidden, x, m) is exactly hidden where m = 0 and exactly x where m = 1
-                y = self.scores(self.model(torch.lerp(hidden, x, mask))).double().cpu()
+                y = self.chunked_scores(torch.lerp(hidden, x, mask)).double().cpu()
                 out = torch.zeros(n, y.shape[1], dtype=torch.float64) if out is None else out
                 out[s : s + y.shape[0]] = y
                 bar.update(y.shape[0])

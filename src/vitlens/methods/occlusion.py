@@ -148,9 +148,9 @@ class Occlusion(PerturbationMethod):
             for b in range(x.shape[0]):
                 fill = self.baseline_image(x[b])
                 out = []
-                for s in range(0, masks.shape[0], self.batch_size):
-                    m = masks[s : s + self.batch_size, None]
-                    scores = self.scores(self.model(torch.where(m, fill, x[b])))
+                for s in range(0, masks.shape[0], self.build_step):
+                    m = masks[s : s + self.build_step, None]
+                    scores = self.chunked_scores(torch.where(m, fill, x[b]))
                     out.append(scores[:, t[b]])
                     bar.update(m.shape[0])
                 drops.append(base_scores[b, t[b]] - torch.cat(out))
