@@ -15,6 +15,7 @@ from vitlens.cli.lime import lime
 from vitlens.cli.models import models
 from vitlens.cli.occlusion import occlusion
 from vitlens.cli.report import report
+from vitlens.cli.run import run
 from vitlens.cli.views import compare, heads, layers, swin
 from vitlens.cli.whatif import whatif
 from vitlens.errors import VitlensError
@@ -34,7 +35,7 @@ def cli(verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
-for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate, report):
+for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate, report, run):
     cli.add_command(_command)
 
 
