@@ -11,6 +11,7 @@ import click
 from vitlens.cli.demo import demo
 from vitlens.cli.evaluate import evaluate
 from vitlens.cli.explain import explain
+from vitlens.cli.finetune import finetune, finetune_compare
 from vitlens.cli.lime import lime
 from vitlens.cli.models import models
 from vitlens.cli.occlusion import occlusion
@@ -35,7 +36,8 @@ def cli(verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
-for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate, report, run):
+for _command in (explain, heads, layers, compare, swin, lime, occlusion, whatif, models, demo, evaluate, report, run,
+                 finetune, finetune_compare):
     cli.add_command(_command)
 
 

@@ -356,6 +356,13 @@ def load_hf(name_or_path: str, image_size: int | None = None, verbose: bool | No
             raise
         raise VitlensError(_load_error(name_or_path, local.exists(), e)) from None
     _check_loading_info(name_or_path, info)
+    adapters = getattr(config, "vitlens_adapters", None)
+    if adapters is not None:  # bottleneck adapters saved by `vitlens finetune` beside the base weights
+        if not local.is_dir():
+            raise VitlensError(f"{name_or_path}: models with vitlens adapters load from a local folder")
+        from vitlens.train.adapters import restore_adapters
+
+        restore_adapters(module, local, adapters)
     pre = hf_preprocess(config, local if local.is_dir() else _hub_folder(transformers, name_or_path))
     if image_size:
         pre = pre.with_size(image_size)
