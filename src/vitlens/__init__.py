@@ -32,14 +32,15 @@ _WHERE = {
     "AttnLRP": "vitlens.methods.attnlrp",
     "wrap_by_names": "vitlens.models",
     "GenericAdapter": "vitlens.models",
+    "open_store": "vitlens.scale",
 }
 
 __all__ = [
     "AttentionFlow", "AttentionMaps", "AttentionRecord", "AttnLRP", "Explanation", "GenericAdapter",
     "GenericAttention", "GradRollout", "InputXGradient", "IntegratedGradients", "LeGrad", "Lime", "METHODS",
     "Occlusion", "Preprocess", "Rollout", "Saliency", "TokenGradCAM", "TokenLayout", "TransformerAttribution",
-    "VitModel", "VitlensError", "apply_edit", "load_image", "load_model", "parse_edit", "record", "report", "whatif",
-    "wrap", "wrap_by_names",
+    "VitModel", "VitlensError", "apply_edit", "load_image", "load_model", "open_store", "parse_edit", "record",
+    "report", "whatif", "wrap", "wrap_by_names",
 ]
 
 
@@ -71,4 +72,5 @@ if TYPE_CHECKING:
     from vitlens.methods.transformer_attribution import TransformerAttribution
     from vitlens.methods.whatif import apply_edit, parse_edit, whatif
     from vitlens.models import GenericAdapter, VitModel, load_model, wrap, wrap_by_names
+    from vitlens.scale import open_store
     from vitlens.viz.report import report

@@ -54,9 +54,13 @@ def _names(text: str | None, known: list[str], what: str) -> list[str] | None:
 @click.option("--sanity-blocks", type=click.IntRange(min=1), default=None,
               help="Blocks re-initialised from the top for the sanity test [default: all].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline and re-init.")
+@click.option("--maps", default=None, metavar="STORE",
+              help="Read the methods' maps from the store of a `vitlens run` with the same model and data instead of "
+                   "computing them [default --methods: the store's]; class-specific maps explain the top-1 class, "
+                   "so use --targets pred with them.")
 def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, image_size: int | None, device: str,
              data: str, methods: str | None, metrics: str | None, n: int, out: str, baseline: str, targets: str,
-             batch_size: int, forward_batch: int, sanity_blocks: int | None, seed: int) -> None:
+             batch_size: int, forward_batch: int, sanity_blocks: int | None, seed: int, maps: str | None) -> None:
     """Score explanation methods against each other and three baseline maps, and print the table."""
     from vitlens.cli.methods import map_methods
     from vitlens.eval.data import load_samples
@@ -75,12 +79,20 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise VitlensError(f"--out {out} is a file; give a folder")
+    store = _open_maps(maps, model_spec, weights, timm_kwargs, image_size, data) if maps is not None else None
     model = load(model_spec, weights, timm_kwargs, image_size, device)
     if method_names is None:
-        method_names = [k for k, m in map_methods().items() if m.applies_to(model) and k != "attention"]
-    exps = explainers(model, method_names, seed)
+        method_names = list(store.methods) if store is not None else \
+            [k for k, m in map_methods().items() if m.applies_to(model) and k != "attention"]
+    if store is None:
+        exps = explainers(model, method_names, seed)
+        samples = load_samples(model, data, n)
+    else:
+        samples = load_samples(model, data, n)
+        keys = [s.key or s.name for s in samples]
+        exps = explainers(model, method_names, seed, store, keys)
+        _check_complete(store, keys, [e.name for e in exps if e.name in store.methods])
     echo_notes([f"note: {e.note}" for e in exps if e.note])
-    samples = load_samples(model, data, n)
     if sanity_blocks is not None and sanity_blocks > model.num_blocks:
         raise VitlensError(f"--sanity-blocks {sanity_blocks} exceeds the model's {model.num_blocks} blocks")
     mets = make_metrics(metric_names, baseline=baseline, forward_batch=forward_batch, sanity_blocks=sanity_blocks,
@@ -90,6 +102,8 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
                                 "methods": [e.name for e in exps], "metrics": metric_names, "baseline": baseline,
                                 "targets": kinds, "batch_size": batch_size, "sanity_blocks": sanity_blocks,
                                 "seed": seed}
+    if store is not None:
+        settings["maps"] = str(store.path.resolve())
     store = ResumableCSV(folder / CSV_NAME, header(mets), settings)
     if store.done:
         click.echo(f"resuming: {len(store.done)} of {len(samples)} images already scored"
@@ -107,3 +121,36 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     write_all(outputs)
     click.echo(table)
     click.echo(f"wrote {folder / CSV_NAME}, {folder / TABLE_NAME} and {len(figs)} plots to {folder}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings values, local paths compared after resolving them."""
+    if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return bool(a == b)
+
+
+def _open_maps(maps: str, model_spec: str, weights: str | None, timm_kwargs: str | None, image_size: int | None,
+               data: str) -> Any:
+    """The store of ``--maps``, checked to hold maps of this model and data."""
+    from vitlens.cli.common import parse_timm_kwargs
+    from vitlens.scale.listing import describe_data
+    from vitlens.scale.store import open_store
+
+    store = open_store(maps)
+    st = store.settings
+    ours = {"model": model_spec, "weights": weights, "model_kwargs": parse_timm_kwargs(timm_kwargs),
+            "image_size": image_size, "data": describe_data(data)}
+    for key, value in ours.items():
+        if not _same(st.get(key), value):
+            raise VitlensError(f"--maps {maps} was written with {key} {st.get(key)!r}, not {value!r}; evaluate with "
+                               "the store's model and data, or run `vitlens run` for these")
+    return store
+
+
+def _check_complete(store: Any, keys: list[str], methods: list[str]) -> None:
+    missing = [(k, m) for k in keys for m in methods if not store.has(k, m)]
+    if missing:
+        k, m = missing[0]
+        raise VitlensError(f"--maps {store.path} lacks {len(missing)} of the {len(keys) * len(methods)} maps needed "
+                           f"(e.g. {m} of {k!r}); run `vitlens run` again on the same data to complete it")

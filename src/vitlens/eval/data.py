@@ -23,11 +23,13 @@ MAX_BOXES = 1000
 
 @dataclass
 class Sample:
-    """One image as the model sees it (``view``) with its objects: (class index or None, bool mask [H, W])."""
+    """One image as the model sees it (``view``) with its objects: (class index or None, bool mask [H, W]).
+    ``key`` is its id in a `vitlens run` store (the path relative to the folder; the name when empty)."""
 
     name: str
     view: Image.Image
     objects: list[tuple[int | None, np.ndarray]]
+    key: str = ""
 
 
 def _mask_view(model: Any, mask: np.ndarray) -> np.ndarray:
@@ -115,7 +117,8 @@ def folder_samples(model: Any, folder: str | Path, n: int | None = None) -> list
                 mask = boxes if mask is None else mask | boxes
         if mask is None:
             raise VitlensError(f"{meta_path}: no mask image and no 'boxes'; give {p.stem}{MASK_SUFFIX}.png or boxes")
-        out.append(Sample(p.stem, model.preprocess.view(image), [(cls, _mask_view(model, mask))]))
+        out.append(Sample(p.stem, model.preprocess.view(image), [(cls, _mask_view(model, mask))],
+                          p.relative_to(root).as_posix()))
         if n is not None and len(out) >= n:
             break
     if not out:

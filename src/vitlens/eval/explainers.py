@@ -91,8 +91,9 @@ def baseline_explainer(name: str, model: Any, seed: int = 0) -> Explainer:
     raise VitlensError(f"unknown baseline map {name!r}; use one of {', '.join(BASELINE_MAPS)}")
 
 
-def method_explainer(name: str, model: Any) -> Explainer:
-    """The registered method ``name`` with its default options (class-specific ones explain each row's target)."""
+def method_explainer(name: str, model: Any, options: dict[str, Any] | None = None) -> Explainer:
+    """The registered method ``name`` with its default options, or ``options`` (class-specific ones explain each
+    row's target)."""
     from vitlens.methods import METHODS
 
     if name not in METHODS:
@@ -104,14 +105,46 @@ def method_explainer(name: str, model: Any) -> Explainer:
 
     def fn(m: Any, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if id(m) not in built:
-            built[id(m)] = (m, cls(m))
+            built[id(m)] = (m, cls(m, **(options or {})))
         method = built[id(m)][1]
         return method.explain(x, target=t).maps if cls.class_specific else method.explain(x).maps
 
     return Explainer(name, fn, bool(cls.class_specific))
 
 
-def explainers(model: Any, methods: Sequence[str], seed: int = 0) -> list[Explainer]:
-    """The methods by name, then the three baselines (always, each once)."""
-    out = [method_explainer(n, model) for n in methods if n not in BASELINE_MAPS]
+def stored_explainer(name: str, model: Any, store: Any, keys: Sequence[str]) -> Explainer:
+    """The maps of method ``name`` read from a `vitlens run` store (`vitlens.scale.open_store`) instead of computed:
+    image ``i`` of the evaluation is ``keys[i]`` in the store. On any other model (the sanity metric's randomised
+    copy) the method runs with the store's options."""
+    options = next((m["options"] for m in store.settings["methods"] if m["name"] == name), None)
+    if options is None:
+        raise VitlensError(f"the store {store.path} has no {name} maps (it holds {', '.join(store.methods)}); drop "
+                           f"{name} from --methods or add it to the `vitlens run`")
+    computed = method_explainer(name, model, options)
+
+    def fn(m: Any, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if m is not model:
+            return computed.fn(m, x, t, ids)
+        maps = []
+        for i, cls in zip(ids.tolist(), t.tolist()):
+            key = keys[int(i)]
+            stored = store.target(key, name)
+            if computed.class_specific and stored != int(cls):
+                raise VitlensError(f"the store's {name} map of {key} explains class {stored}, but this row needs "
+                                   f"class {int(cls)}: with --maps use --targets pred (the store holds each image's "
+                                   "top-1 class), or a store run with that --target")
+            maps.append(torch.from_numpy(store.map(key, name).astype("float32")))
+        return torch.stack(maps)
+
+    return Explainer(name, fn, computed.class_specific, f"{name} maps read from {store.path}")
+
+
+def explainers(model: Any, methods: Sequence[str], seed: int = 0, store: Any = None,
+               keys: Sequence[str] = ()) -> list[Explainer]:
+    """The methods by name (their maps read from ``store`` when given, image ``i`` being ``keys[i]``), then the three
+    baselines (always, each once)."""
+    if store is not None:
+        out = [stored_explainer(n, model, store, keys) for n in methods if n not in BASELINE_MAPS]
+    else:
+        out = [method_explainer(n, model) for n in methods if n not in BASELINE_MAPS]
     return out + [baseline_explainer(n, model, seed) for n in BASELINE_MAPS]
