@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 from vitlens.cli.common import load, model_options
@@ -21,6 +22,7 @@ from vitlens.models.base import VitModel
 METRICS_NAME = "metrics.json"
 FIGURE_NAME = "rollout_before_after.png"
 LOG_NAME = "runs.jsonl"
+ROLLOUT_MEASURED = 64  # held-out images whose rollout is compared before and after
 TABLE_MD, TABLE_CSV, PLOT_NAME = "results.md", "results.csv", "accuracy_vs_params.png"
 
 
@@ -121,7 +123,9 @@ def finetune(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     shown = min(rollout_images, len(task.eval_images))
     from vitlens.train.finetune import normalise
 
-    x_fig = normalise(task.eval_images[:shown], pre.mean, pre.std)
+    # rollout before/after on up to ROLLOUT_MEASURED held-out images (the correlation), the first `shown` drawn
+    measured = min(len(task.eval_images), max(shown, ROLLOUT_MEASURED)) if shown else 0
+    x_fig = normalise(task.eval_images[:measured], pre.mean, pre.std)
     before: list = []
 
     def on_ready(module) -> None:
@@ -138,9 +142,11 @@ def finetune(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     if shown:
         after = rollout_maps(module, x_fig)
         corr = map_correlation(before[0], after)
-        info["rollout_correlation_before_after"] = corr
+        info["rollout_before_after"] = {
+            "images": measured, "mean_correlation": float(np.nanmean(corr)), "per_image_correlation": corr,
+            "mean_abs_change": float(np.mean(np.abs(after - before[0])))}
         captions = [task.classes[int(y)] if not task.multi_label else "scene" for y in task.eval_labels[:shown]]
-        figure = rollout_figure(list(task.eval_images[:shown]), before[0], after,
+        figure = rollout_figure(list(task.eval_images[:shown]), before[0][:shown], after[:shown],
                                 f"{model_spec}: attention rollout before / after {settings.label} fine-tuning",
                                 captions)
     with tempfile.TemporaryDirectory(prefix="vitlens-finetune-") as tmp:
@@ -155,6 +161,10 @@ def finetune(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     click.echo(f"held-out {result.metric}: {result.final:.4f} after {settings.epochs} epochs "
                f"({result.epoch_seconds:.1f} s per epoch); trainable parameters {result.trainable_params:,} of "
                f"{result.total_params:,} ({share:.2f}%)")
+    if "rollout_before_after" in info:
+        roll = info["rollout_before_after"]
+        click.echo(f"rollout before vs after fine-tuning: mean correlation {roll['mean_correlation']:.3f} over "
+                   f"{roll['images']} held-out images (figure: {folder / FIGURE_NAME})")
     click.echo(f"wrote {len(written)} files to {folder}" + (f" (explain it: vitlens explain --model {folder} ...)"
                                                            if is_hf_model(module) else ""))
 
@@ -199,8 +209,7 @@ def finetune_compare(models: str, methods: str, seeds: int, image_sizes: str | N
     sizes: list[int | None] = [None] * len(specs)
     if image_sizes is not None:
         try:
-            given = [int(s) for s in split_list(image_sizes, "--image-size")] if "," in image_sizes \
-                else [int(image_sizes)]
+            given = [int(s) for s in image_sizes.split(",")]
         except ValueError:
             raise VitlensError(f"--image-size must be whole numbers, got {image_sizes!r}") from None
         if len(given) not in (1, len(specs)) or any(s < 1 for s in given):

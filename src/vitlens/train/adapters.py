@@ -119,7 +119,7 @@ def _check(placement: str, dim: int) -> None:
         raise VitlensError(f"adapter dimension must be a whole number >= 1, got {dim!r}")
 
 
-def insert_adapters(module: nn.Module, placement: str, dim: int = 64) -> list[nn.Module]:
+def insert_adapters(module: nn.Module, placement: str, dim: int = 64) -> list[Bottleneck]:
     """Insert bottleneck adapters of width ``dim`` at ``placement`` into every block of ``module``; return them."""
     _check(placement, dim)
     sites: list[tuple[nn.Module, int, bool]] = []
@@ -152,7 +152,8 @@ def adapters_of(module: nn.Module) -> Iterator[nn.Module]:
 
 def adapter_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(base state dict without adapters, adapter tensors), both under the model's parameter names."""
-    base, extra = {}, {}
+    base: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
     for k, v in module.state_dict().items():
         (extra if f".{ADAPTER_NAME}." in f".{k}" else base)[k] = v.detach().contiguous()
     return base, extra

@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ class Settings:
 # ---------------------------------------------------------------- the model
 
 
-def head_of(module: nn.Module) -> nn.Module:
+def head_of(module: Any) -> nn.Module:
     """The classification head: transformers ``classifier``, timm ``get_classifier()``."""
     if is_hf_model(module):
         return module.classifier
@@ -120,7 +120,7 @@ def build_classifier(model: VitModel, classes: list[str], multi_label: bool, see
     DINOv2 gets its classifier class); the original module is not modified. timm: a copy with ``reset_classifier``.
     """
     torch.manual_seed(seed)
-    module = model.module
+    module: Any = model.module
     if not is_hf_model(module):
         if not hasattr(module, "reset_classifier"):
             raise VitlensError(f"{type(module).__name__} has no reset_classifier(); fine-tuning supports transformers "
@@ -130,7 +130,7 @@ def build_classifier(model: VitModel, classes: list[str], multi_label: bool, see
         return new.train()
     from transformers import AutoModelForImageClassification
 
-    old = module.config
+    old: Any = module.config
     keep = {k: v for k, v in old.to_dict().items() if k not in (
         "transformers_version", "model_type", "architectures", "id2label", "label2id", "num_labels", "problem_type",
         CONFIG_KEY)}
@@ -158,6 +158,7 @@ def prepare(module: nn.Module, settings: Settings) -> list[nn.Parameter]:
         return list(module.parameters())
     if settings.method == "head":
         return head
+    extra: Sequence[nn.Module]
     if settings.method == "adapter":
         assert settings.placement is not None
         extra = insert_adapters(module, settings.placement, settings.adapter_dim)
@@ -166,7 +167,7 @@ def prepare(module: nn.Module, settings: Settings) -> list[nn.Parameter]:
     return [p for m in extra for p in m.parameters()] + head
 
 
-def logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def logits(module: Any, x: torch.Tensor) -> torch.Tensor:
     """Class scores of a transformers or timm classifier (positions interpolated for another input size)."""
     x = x.to(next(module.parameters()).device)
     if is_hf_model(module):
@@ -267,9 +268,10 @@ def run_finetune(model: VitModel, task: TaskData, settings: Settings, progress: 
         f_tr, f_ev = head_inputs(module, x_tr), head_inputs(module, x_ev)
         net: nn.Module = head
 
-        def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def on_features(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return m(x.to(next(m.parameters()).device))
 
+        forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = on_features
         inputs_tr, inputs_ev = f_tr, f_ev
     else:
         net, forward, inputs_tr, inputs_ev = module, logits, x_tr, x_ev
@@ -338,7 +340,7 @@ def save_finetuned(module: nn.Module, folder: str | Path, settings: Settings, si
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def _save(module: nn.Module, folder: Path, settings: Settings) -> None:
+def _save(module: Any, folder: Path, settings: Settings) -> None:
     from safetensors.torch import save_file
 
     if settings.method == "lora":
