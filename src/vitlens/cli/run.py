@@ -58,7 +58,7 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
     """Explain every image of --data with every method into the store --out (resumable: run it again to finish)."""
     from vitlens.scale.job import Job
     from vitlens.scale.listing import list_items
-    from vitlens.scale.store import SETTINGS, StoreWriter
+    from vitlens.scale.store import MAPS, PARTS, SETTINGS, StoreWriter
 
     given = pop_options(options)
     names = method_names(methods)
@@ -76,9 +76,10 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
     items = list_items(data, n, exclude=folder)
     kwargs = parse_timm_kwargs(timm_kwargs)
     job = Job(model_spec, tuple(names), given, weights, kwargs, image_size, device, target, top_k)
-    explainer, notes = job.build()
+    # the driver checks the job and records its settings; with Ray the actors load the model on their own devices
+    explainer, notes = job.build(device="cpu" if engine == "ray" else None)
     echo_notes(notes)
-    created = not folder.exists()
+    created, fresh = not folder.exists(), not (folder / SETTINGS).is_file()
     store = StoreWriter(folder, job.settings(data, explainer))
     try:
         if store.next:
@@ -92,8 +93,13 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
 
             summary = run_local(explainer, items, store, batch_size=batch_size, workers=workers)
     except BaseException:
-        if created and not store.part_names():  # nothing committed: leave no half-made store behind
-            shutil.rmtree(folder, ignore_errors=True)
+        if fresh and not store.part_names():  # nothing committed: leave no half-made store behind
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                for name in (PARTS, MAPS):
+                    shutil.rmtree(folder / name, ignore_errors=True)
+                (folder / SETTINGS).unlink(missing_ok=True)
         raise
     done = summary.explained + summary.errors
     click.echo(f"explained {summary.explained} images with {', '.join(m.name for m in explainer.methods)} "
