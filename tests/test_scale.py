@@ -195,6 +195,9 @@ def test_resume_after_sigkill_mid_commit_gives_the_uninterrupted_store(vit3_dir,
                                                  "part-000001.parquet"]
     assert "part-000002.zarr" in os.listdir(out / "maps")
     assert len(open_store(out).done()) == 8
+    # and what a kill while the maps were still being written leaves: a half-written temporary Zarr array
+    (out / "maps" / ".tmp-part-000003.zarr" / "c").mkdir(parents=True)
+    (out / "maps" / ".tmp-part-000003.zarr" / "zarr.json").write_text('{"zarr_format": 3, "sha')
     commits: list[int] = []
     job = Job(str(vit3_dir), METHODS)
     explainer, _ = job.build()
