@@ -53,6 +53,7 @@ CASES = [
     (["--n", "0"], "0 is not in the range x>=1"),
     (["--target", "99", "--methods", "grad_rollout"], "99"),
     (["--discard-ratio", "1.5"], "discard_ratio"),
+    (["--methods", "saliency", "--pool", "pixel"], "drop --pool pixel"),
 ]
 
 

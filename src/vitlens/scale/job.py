@@ -51,6 +51,10 @@ class Job:
         model = load_model(self.model, weights=self.weights, image_size=self.image_size,
                            device=device or self.device, model_kwargs=dict(self.model_kwargs))
         methods, notes = build_methods(model, list(self.methods), dict(self.options))
+        pixel = [m.name for m in methods if getattr(m, "pool", None) == "pixel"]
+        if pixel:
+            raise VitlensError(f"the store keeps maps on the patch grid, but --pool pixel makes {pixel[0]} draw pixel "
+                               "maps; drop --pool pixel")
         target = None
         if self.target is not None:
             target = resolve_target(model, self.target)
@@ -141,6 +145,9 @@ class BatchExplainer:
             else:
                 exp = m.explain(x)
                 targets.append(None)
+            if tuple(exp.maps.shape[-2:]) != self.grid:
+                raise VitlensError(f"{m.name} made {tuple(exp.maps.shape[-2:])} maps, not the {self.grid} patch grid "
+                                   "the store keeps")
             maps.append(exp.maps.detach().float().cpu().numpy().astype(np.float16))
             seconds.append((time.perf_counter() - start) / n)
         return BatchResult([it.index for it in items], [it.key for it in items], [it.source for it in items],
