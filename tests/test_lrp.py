@@ -55,6 +55,25 @@ def test_alpha1_beta0_linear_by_hand():
     torch.testing.assert_close(r, torch.tensor([3.0, 7.0]))
 
 
+def test_positive_part_equals_the_sum_of_positive_terms_even_where_it_cancels():
+    """Z+ from the forward output and |W| |x| (one product) against sum_j max(w_kj x_j, 0) term by term, on outputs
+    with no positive term (Z+ exactly 0), a nearly-all-negative output, a huge bias, and random ones."""
+    from vitlens.methods.lrp_rules import positive_part
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    w[0] = -1.0  # with x > 0: no positive term
+    w[1] = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1e-6])  # Z+ 1e-6 against |W||x| ~ 5: cancels without the fallback
+    x = torch.rand(4, 5) + 0.5
+    b = torch.randn(6)
+    b[2] = 1e6
+    out = torch.nn.functional.linear(x, w, b)
+    z = positive_part(x, out, b, torch.cat([w.clamp(min=0), w.clamp(max=0)], 1), w.abs())
+    want = (w[None] * x[:, None]).clamp(min=0).sum(-1)
+    assert (z[:, 0] == 0).all()
+    torch.testing.assert_close(z, want, rtol=1e-5, atol=0)
+
+
 def test_chefer_add_rule_by_hand():
     # z = a + b = (4, 1), R_z = (2, 5): z-rule R_a = (0.5, 10) (sum 10.5), R_b = (1.5, -5) (sum -3.5), total 7;
     # shares |10.5| : |-3.5| = 3 : 1 -> R_a scaled to sum 5.25, R_b to sum 1.75

@@ -159,13 +159,12 @@ class LRPMode(TorchFunctionMode):
             tag = (w.data_ptr(), w._version, w.dtype, w.device)
             cached = self._abs.get(id(w))
             if cached is None or cached[0] != tag:  # new or changed weight: (re)compute, dropping the stale copy
-                cached = self._abs[id(w)] = (tag, torch.cat([w.detach().clamp(min=0), w.detach().clamp(max=0)], 1))
-            w_split = cached[1]  # [W+ | W-], [out, 2 in]
+                wd = w.detach()
+                cached = self._abs[id(w)] = (tag, torch.cat([wd.clamp(min=0), wd.clamp(max=0)], 1), wd.abs())
+            w_split, w_abs = cached[1], cached[2]  # [W+ | W-] [out, 2 in]; |W| [out, in]
 
             def z_plus(g: torch.Tensor) -> tuple:
-                # Z+_k = sum_j (w_kj x_j)^+ = W+ x+ + W- x-: every term >= 0, so Z+ is exactly 0 when no contribution
-                # is positive (those outputs' relevance is dropped, as in Chefer's safe_divide)
-                z = torch.nn.functional.linear(torch.cat([x.clamp(min=0), x.clamp(max=0)], -1), w_split)
+                z = positive_part(x, out, bias, w_split, w_abs)
                 s = (out * g).div_(z + TINY).mul_(z != 0)
                 t = s @ w_split  # [s W+ | s W-]
                 n = x.shape[-1]
@@ -206,6 +205,32 @@ class LRPMode(TorchFunctionMode):
             return None, (g * fa.view(shape), g * fb.view(shape))
 
         return self._wrap(rescale, out, a, b)
+
+
+# Z+ from W x and |W| |x| is exact to rounding where Z+ is at least this fraction of |W| |x| + |b|; rows with an
+# output below it are recomputed term by term
+CANCELLATION = 1e-2
+
+
+def positive_part(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, w_split: torch.Tensor,
+                  w_abs: torch.Tensor) -> torch.Tensor:
+    """Z+_k = sum_j (w_kj x_j)^+ = W+ x+ + W- x- of a linear layer, from its forward output ``out`` = W x + b.
+
+    One matrix product instead of two: Z+ = (W x + |W| |x|) / 2, with W x = out - b taken from the forward pass.
+    That difference cancels where Z+ is small against |W| |x|, so every row (token) with an output below
+    `CANCELLATION` of |W| |x| + |b| is recomputed exactly as W+ x+ + W- x- (every term >= 0: Z+ is then exactly 0
+    when no contribution is positive, and those outputs' relevance is dropped, as in Chefer's safe_divide)."""
+    xd, wx = x.detach(), out.detach()
+    magnitude = torch.nn.functional.linear(xd.abs(), w_abs)  # |W| |x|
+    z = (wx - bias.detach() if bias is not None else wx).add_(magnitude).mul_(0.5)
+    if bias is not None:
+        magnitude = magnitude + bias.detach().abs()
+    rows = (z < CANCELLATION * magnitude).reshape(-1, z.shape[-1]).any(-1)
+    if bool(rows.any()):
+        flat_x, flat_z = xd.reshape(-1, xd.shape[-1]), z.view(-1, z.shape[-1])
+        few = flat_x[rows]
+        flat_z[rows] = torch.nn.functional.linear(torch.cat([few.clamp(min=0), few.clamp(max=0)], -1), w_split)
+    return z
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
