@@ -76,3 +76,18 @@ def test_bad_input_to_run_is_one_line_and_writes_nothing(vit3_dir, place, capsys
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert message in err, err
     assert _snapshot(root) == before
+
+
+def test_a_store_being_written_is_refused(vit3_dir, place, capsys):
+    import json
+
+    from vitlens.scale.store import StoreWriter, open_store
+
+    settings = {k: v for k, v in open_store(place["store"]).settings.items() if k != "format"}
+    before = _snapshot(place["root"])
+    with StoreWriter(place["store"], json.loads(json.dumps(settings))):
+        code = main(["run", "--model", str(vit3_dir), "--data", str(place["data"]), "--out", str(place["store"]),
+                     "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "being written by another vitlens run" in err, err
+    assert _snapshot(place["root"]) == before

@@ -207,6 +207,9 @@ def test_resume_after_sigkill_mid_commit_gives_the_uninterrupted_store(vit3_dir,
     summary = run_local(explainer, list_items(images), store, batch_size=4, workers=0, progress=False,
                         after_commit=commits.append)
     assert summary.skipped == 8 and summary.explained + summary.errors == 5 and commits == [1, 2]
+    with pytest.raises(VitlensError, match="being written by another vitlens run"):
+        StoreWriter(out, job.settings(str(images), explainer))  # one writer at a time
+    store.close()
     a, b = open_store(ref), open_store(out)
     assert _stable(a.table()).equals(_stable(b.table()))  # same rows, once each, same parts and rows of the maps
     assert sorted(os.listdir(ref / "maps")) == sorted(os.listdir(out / "maps"))

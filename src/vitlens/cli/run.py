@@ -3,7 +3,6 @@ this machine (a DataLoader with workers) or on Ray Data (`--engine ray`)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
     """Explain every image of --data with every method into the store --out (resumable: run it again to finish)."""
     from vitlens.scale.job import Job
     from vitlens.scale.listing import list_items
-    from vitlens.scale.store import MAPS, PARTS, SETTINGS, StoreWriter
+    from vitlens.scale.store import LOCK, SETTINGS, StoreWriter
 
     given = pop_options(options)
     names = method_names(methods)
@@ -70,7 +69,7 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
             raise VitlensError(f"--out {out}: {parent} is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / SETTINGS).is_file():
+    if folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()) and not (folder / SETTINGS).is_file():
         raise VitlensError(f"--out {out} is a folder that holds other files, not a vitlens run store; give a new or "
                            "empty folder")
     items = list_items(data, n, exclude=folder)
@@ -94,13 +93,10 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
             summary = run_local(explainer, items, store, batch_size=batch_size, workers=workers)
     except BaseException:
         if fresh and not store.part_names():  # nothing committed: leave no half-made store behind
-            if created:
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                for name in (PARTS, MAPS):
-                    shutil.rmtree(folder / name, ignore_errors=True)
-                (folder / SETTINGS).unlink(missing_ok=True)
+            store.discard(folder, created)
+        store.close()
         raise
+    store.close()
     done = summary.explained + summary.errors
     click.echo(f"explained {summary.explained} images with {', '.join(m.name for m in explainer.methods)} "
                f"({summary.maps} maps) in {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s"

@@ -33,6 +33,7 @@ from vitlens.errors import VitlensError
 
 FORMAT = 1
 SETTINGS = "settings.json"
+LOCK = ".lock"  # held (flock) by the one writer; the kernel releases it when the writer dies, even by SIGKILL
 PARTS, MAPS = "parts", "maps"
 TMP = ".tmp-"
 OK, ERROR = "ok", "error"
@@ -218,13 +219,51 @@ def open_store(path: str | Path) -> Store:
 
 class StoreWriter(Store):
     """A store opened to add batches: creates ``path`` (or resumes it when its settings equal ``settings``), removes
-    what a killed run left uncommitted, and commits one batch at a time with `commit`."""
+    what a killed run left uncommitted, and commits one batch at a time with `commit`. One writer at a time: a second
+    one (another process writing the same folder) is refused until `close` or the first writer's exit."""
 
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
         path = Path(path)
         settings = {"format": FORMAT, **json.loads(json.dumps(settings))}
         if path.exists() and not path.is_dir():
             raise VitlensError(f"--out {path} is a file; give a folder (new, or a store of the same run to resume)")
+        if not (path / SETTINGS).is_file() and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+            raise VitlensError(f"--out {path} is a folder that holds other files, not a vitlens run store; give "
+                               "a new or empty folder")
+        created, fresh = not path.exists(), not (path / SETTINGS).is_file()
+        self._lock = _lock(path)
+        try:
+            self._open(path, settings)
+        except BaseException:
+            if fresh:
+                self.discard(path, created)
+            self.close()
+            raise
+
+    def discard(self, path: Path, created: bool) -> None:
+        """Delete a store this writer created (while it holds the lock): the folder when ``created``, else what it
+        added to the empty folder."""
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        for name in (PARTS, MAPS):
+            shutil.rmtree(path / name, ignore_errors=True)
+        for name in (SETTINGS, LOCK):
+            (path / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the store (its lock)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, path: Path, settings: dict[str, Any]) -> None:
         if (path / SETTINGS).is_file():
             super().__init__(path)
             if self.settings != settings:
@@ -233,9 +272,6 @@ class StoreWriter(Store):
                                    "--out, or the same options to resume it")
             self._clean()
         else:
-            if path.is_dir() and any(path.iterdir()):
-                raise VitlensError(f"--out {path} is a folder that holds other files, not a vitlens run store; give "
-                                   "a new or empty folder")
             try:
                 (path / PARTS).mkdir(parents=True, exist_ok=True)
                 (path / MAPS).mkdir(exist_ok=True)
@@ -316,6 +352,24 @@ class StoreWriter(Store):
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise VitlensError(f"cannot write {final}: {e.strerror or e}") from None
+
+
+def _lock(path: Path) -> int | None:
+    """Create ``path`` if needed and take its writer lock (a file descriptor), or fail in one line."""
+    import fcntl
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise VitlensError(f"cannot write --out {path}: {e.strerror or e}; give a folder you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise VitlensError(f"--out {path} is being written by another vitlens run; wait for it to finish or give "
+                           "another --out") from None
+    return fd
 
 
 def _write_json(path: Path, value: Any) -> None:
