@@ -105,8 +105,6 @@ def finetune(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     from vitlens.train.finetune_rollout import map_correlation, rollout_figure, rollout_maps
 
     name, place = parse_method(method, adapter_placement)
-    if place is None and method == "adapter":
-        place = adapter_placement
     settings = Settings(method=name, placement=place, adapter_dim=adapter_dim, lora_rank=lora_rank,
                         lora_alpha=lora_alpha, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                         seed=seed)
