@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-THREADS = 2  # the machine's cores (shared with other users: numbers are noisy, so scripts report ratios)
+# the machine's cores (shared with other users: numbers are noisy, so scripts report ratios); VITLENS_BENCH_THREADS=1
+# measures on one core while another job holds the other
+THREADS = int(os.environ.get("VITLENS_BENCH_THREADS", "2"))
 
 _SETUP = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
 _spec = importlib.util.spec_from_file_location("_vitlens_test_setup", _SETUP)
