@@ -27,6 +27,8 @@ from vitlens.train.finetune import Settings, parse_method, run_finetune
 from vitlens.train.finetune_data import TaskData
 
 DEFAULT_METHODS = ("head", "adapter:attn", "adapter:mlp", "adapter:both", "adapter:parallel", "lora", "full")
+MARKERS = {"head": "o", "full": "s", "lora": "D", "adapter:attn": "^", "adapter:mlp": "v", "adapter:both": "P",
+           "adapter:parallel": "X"}
 CSV_FIELDS = ("model", "method", "seeds", "metric", "mean", "std", "min", "max", "trainable_params", "total_params",
               "epoch_seconds", "run_seconds", "per_seed")
 
@@ -153,6 +155,10 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.2f}" if t < 1 else f"{t:.1f}"
+
+
 def markdown_table(summary: Sequence[dict], note: str = "") -> str:
     """The results table in markdown: score mean ± std over seeds (min-max), trainable parameters, time."""
     metric = summary[0]["metric"] if summary else "score"
@@ -162,7 +168,7 @@ def markdown_table(summary: Sequence[dict], note: str = "") -> str:
         share = 100 * s["trainable_params"] / max(1, s["total_params"])
         lines.append(f"| {s['model']} | {s['method']} | {s['mean']:.4f} ± {s['std']:.4f} (n={s['seeds']}) | "
                      f"{s['min']:.4f}-{s['max']:.4f} | {_params(s['trainable_params'])} | {share:.2f}% | "
-                     f"{s['epoch_seconds']:.1f} | {s['run_seconds']:.0f} |")
+                     f"{_seconds(s['epoch_seconds'])} | {s['run_seconds']:.0f} |")
     return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
@@ -176,27 +182,40 @@ def csv_table(summary: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+def _tick(v: float, _pos: object = None) -> str:
+    return f"{v / 1e6:g} M" if v >= 1e6 else f"{v / 1e3:g} k" if v >= 1e3 else f"{v:g}"
+
+
 def plot_summary(summary: Sequence[dict]) -> Any:
-    """Held-out score (mean, with min-max bars) against trainable parameters (log scale), one colour per model."""
+    """Held-out score (mean, with min-max bars) against trainable parameters (log scale): a colour per model, a
+    marker per method; methods with equal counts (adapter placements) are dodged sideways a little."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
     from vitlens.viz.figures import new_figure
 
-    fig = new_figure(7.5, 4.6)
+    fig = new_figure(8.5, 4.6)
     ax = fig.add_subplot(1, 1, 1)
-    markers = {"head": "o", "full": "s", "lora": "D"}
+    methods = list(dict.fromkeys(s["method"] for s in summary))
     models = list(dict.fromkeys(s["model"] for s in summary))
-    for i, model in enumerate(models):
-        colour = f"C{i}"
-        for s in (s for s in summary if s["model"] == model):
-            x = max(1, s["trainable_params"])
-            ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]], color=colour,
-                        marker=markers.get(s["method"], "^"), capsize=3, linestyle="none")
-            ax.annotate(s["method"], (x, s["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7,
-                        color=colour)
-        ax.plot([], [], color=colour, marker="o", linestyle="none", label=model)
+    marker = {m: MARKERS.get(m, "*") for m in methods}
+    for s in summary:
+        colour = f"C{models.index(s['model'])}"
+        k = methods.index(s["method"])
+        x = max(1, s["trainable_params"]) * 1.07 ** (k - (len(methods) - 1) / 2)
+        ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]], color=colour,
+                    marker=marker[s["method"]], markersize=7, capsize=3, linestyle="none")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"held-out {summary[0]['metric'] if summary else 'score'} (mean, min-max over seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    first = ax.legend(handles=[Line2D([], [], color=f"C{i}", marker="o", linestyle="none", label=m)
+                               for i, m in enumerate(models)], fontsize=8, loc="upper left", title="model",
+                      title_fontsize=8)
+    ax.add_artist(first)
+    ax.legend(handles=[Line2D([], [], color="0.3", marker=marker[m], linestyle="none", label=m) for m in methods],
+              fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=8)
     ax.set_title("Fine-tuning: held-out score against trainable parameters", fontsize=10)
     return fig
