@@ -275,6 +275,8 @@ def test_broken_adapter_folder_is_one_clear_error(tmp_path):
     settings = Settings(method="adapter", placement="mlp", epochs=1, batch_size=6)
     module, _ = run_finetune(model, toy_task(), settings, progress=False)
     save_finetuned(module, tmp_path, settings, 32, (0.5,) * 3, (0.5,) * 3, {})
+    with pytest.raises(VitlensError, match="no place for"):  # its adapters would be dropped silently otherwise
+        build_classifier(load_model(str(tmp_path)), ["a", "b"], False)
     (tmp_path / "adapters.safetensors").unlink()
     with pytest.raises(VitlensError, match="adapters.safetensors is missing"):
         load_model(str(tmp_path))
@@ -295,3 +297,10 @@ def test_parse_method():
     assert parse_method("adapter", "attn") == ("adapter", "attn")
     assert parse_method("lora") == ("lora", None)
     assert Settings(method="adapter").label == "adapter:both"
+
+
+def test_the_schedule_is_constant():
+    """run_finetune asks loop.train for no warmup and a floor of 1 x lr: the learning rate never moves."""
+    from vitlens.train.loop import lr_at
+
+    assert all(lr_at(p, 1e-3, 0.0, 1.0) == pytest.approx(1e-3, rel=1e-12) for p in np.linspace(0, 1, 21))

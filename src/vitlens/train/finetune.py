@@ -144,10 +144,13 @@ def build_classifier(model: VitModel, classes: list[str], multi_label: bool, see
     new.config.architectures = [type(new).__name__]
     base_new = new.base_model
     base_old = getattr(module, "base_model", module)
-    missing, _ = base_new.load_state_dict(base_old.state_dict(), strict=False)
-    if missing:
-        raise VitlensError(f"cannot carry the backbone of {type(module).__name__} into {type(new).__name__}: "
-                           f"{len(missing)} weights missing (e.g. {missing[0]})")
+    missing, unexpected = base_new.load_state_dict(base_old.state_dict(), strict=False)
+    left = [k for k in unexpected if not k.startswith("pooler.")]  # a backbone's pooler is the one part dropped
+    if missing or left:
+        what = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else \
+            f"{len(left)} weights it has no place for (e.g. {left[0]}; adapters from an earlier fine-tuning?)"
+        raise VitlensError(f"cannot carry the backbone of {type(module).__name__} into {type(new).__name__}: {what}; "
+                           "fine-tune the original model")
     return new.to(model.device).train()
 
 
