@@ -2,18 +2,21 @@
 baseline), with the local engine (DataLoader workers reading, the store written), and on Ray Data with 1 and 2 local
 model actors; plus the store's bytes per map.
 
-Usage: ``python bench/bench_scale.py [--images 512] [--batch-size 32] [--quick]``
+Usage: ``python bench/bench_scale.py [--model vit-tiny|scenes-vit] [--images 256] [--batch-size 16] [--quick]``
 
-Model: the embedded `vitlens:scenes-vit` (a trained 64 px ViT, 8x8 patches of 8 px, 6 blocks). Data: ``--images``
-held-out scenes written as 500x375 JPEGs (quality 90), the size of an ImageNet validation image, so that decoding and
-resizing cost what they cost on a real data set. Every variant reads the same files and writes float16 maps.
+Models: ``vit-tiny`` (default), a ViT-Ti/16 at 224 px (12 blocks, 3 heads, 192 wide, 1000 classes, random weights,
+as a transformers folder: the shape of a real ImageNet run); ``scenes-vit``, the embedded `vitlens:scenes-vit` (a
+trained 64 px ViT, 8x8 patches, so cheap per image that reading dominates). Data: ``--images`` held-out scenes
+written as 500x375 JPEGs (quality 90), the size of an ImageNet validation image, so that decoding and resizing cost
+what they cost on a real data set. Every variant reads the same files and writes float16 maps.
 
 - baseline: one process, one torch thread, a plain loop: read and preprocess a batch, explain it, keep the maps.
 - local: `run_local`, 2 DataLoader workers reading while the main process (one torch thread) explains and commits.
 - ray N: `run_ray` with N model actors of one CPU and one torch thread each, on a local Ray of 2 CPUs.
 
 Rates are images / wall time of the whole run (Ray: from submitting the job, actor start-up included), and the
-steady rate from the first committed batch to the last (start-up excluded). Ratios are against the baseline measured
+steady rate: the images of the batches committed after the first N (N = the number of actors, 1 otherwise) over the
+time from the N-th commit to the last, when every actor has started and explained a batch (start-up excluded). Ratios are against the baseline measured
 in the same run. The machine has 2 cores; the load average is printed before and after.
 """
 
@@ -32,7 +35,7 @@ from PIL import Image
 
 import _env  # noqa: F401  (test set-up: importable transformers, pinned threads)
 
-MODEL = "vitlens:scenes-vit"
+MODELS = ("vit-tiny", "scenes-vit")
 METHODS = ("rollout", "grad_rollout")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +47,19 @@ def write_images(folder: Path, n: int) -> None:
     for i in range(n):
         img = load_item(f"scenes:{i}").resize((500, 375), Image.Resampling.BICUBIC)
         img.save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def model_spec(name: str, folder: Path) -> str:
+    """The model spec of ``name`` (the ViT-Ti folder is written into ``folder``)."""
+    if name == "scenes-vit":
+        return "vitlens:scenes-vit"
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                    intermediate_size=768, num_labels=1000)
+    ViTForImageClassification(cfg).save_pretrained(folder)
+    return str(folder)
 
 
 def baseline(explainer, items, batch_size: int) -> tuple[float, float]:
@@ -60,13 +76,14 @@ def baseline(explainer, items, batch_size: int) -> tuple[float, float]:
     return end - start, end - (first or end)
 
 
-def timed(fn) -> tuple[float, float]:
-    """Run ``fn(after_commit)``; returns (wall seconds, seconds from the first commit to the last)."""
+def timed(fn, skip: int = 1) -> tuple[float, float]:
+    """Run ``fn(after_commit)``; returns (wall seconds, seconds from the ``skip``-th commit to the last). With
+    ``skip`` = the number of actors, every actor has loaded its model and explained a batch by then."""
     stamps: list[float] = []
     start = time.perf_counter()
     fn(lambda k: stamps.append(time.perf_counter()))
     end = time.perf_counter()
-    return end - start, (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return end - start, (stamps[-1] - stamps[skip - 1]) if len(stamps) > skip else float("nan")
 
 
 def folder_bytes(folder: Path) -> tuple[int, int, int]:
@@ -94,19 +111,43 @@ def parquet_maps_bytes(store, path: Path) -> int:
     return path.stat().st_size
 
 
-def main() -> None:
-    """Measure and print."""
-    import ray
-
+def measure(method: str, spec: str, items: list, data: Path, work: Path, batch_size: int) -> dict:
+    """{variant: (wall seconds, steady seconds)} of one method."""
     from vitlens.scale.job import Job
-    from vitlens.scale.listing import list_items
     from vitlens.scale.local import run_local
     from vitlens.scale.ray_engine import run_ray
     from vitlens.scale.store import StoreWriter
 
+    job = Job(spec, (method,))
+    explainer, _ = job.build()
+    baseline(explainer, items[:batch_size], batch_size)  # warm-up
+    results = {"baseline": baseline(explainer, items, batch_size)}
+
+    def store(name: str) -> StoreWriter:
+        out = work / f"{method}-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        return StoreWriter(out, job.settings(str(data), explainer))
+
+    with store("local") as st:
+        results["local (2 loader workers)"] = timed(lambda cb: run_local(
+            explainer, items, st, batch_size, workers=2, progress=False, after_commit=cb))
+    for w in (1, 2):
+        with store(f"ray{w}") as st:
+            results[f"ray, {w} actor{'s' if w > 1 else ''}"] = timed(lambda cb: run_ray(
+                job, items, st, batch_size, workers=w, progress=False, after_commit=cb), skip=w)  # noqa: B023
+    return results
+
+
+def main() -> None:
+    """Measure and print."""
+    import ray
+
+    from vitlens.scale.listing import list_items
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--model", choices=MODELS, default=MODELS[0])
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="64 images, batch 16 (smoke run)")
     args = ap.parse_args()
     if args.quick:
@@ -118,40 +159,28 @@ def main() -> None:
         data.mkdir()
         write_images(data, args.images)
         items = list_items(data)
+        spec = model_spec(args.model, work / "model")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                               "worker_process_setup_hook": "tests.conftest.declare_torchvision_ops"})
         torch.set_num_threads(1)
-        rows = []
-        for method in METHODS:
-            job = Job(MODEL, (method,))
-            explainer, _ = job.build()
-            baseline(explainer, items[: args.batch_size], args.batch_size)  # warm-up
-            results = {"baseline": baseline(explainer, items, args.batch_size)}
-
-            def store(name: str) -> StoreWriter:
-                out = work / f"{method}-{name}"
-                shutil.rmtree(out, ignore_errors=True)
-                return StoreWriter(out, job.settings(str(data), explainer))
-
-            results["local (2 loader workers)"] = timed(lambda cb: run_local(
-                explainer, items, store("local"), args.batch_size, workers=2, progress=False, after_commit=cb))
-            for w in (1, 2):
-                results[f"ray, {w} actor{'s' if w > 1 else ''}"] = timed(lambda cb, w=w: run_ray(
-                    job, items, store(f"ray{w}"), args.batch_size, workers=w, progress=False, after_commit=cb))
-            rows.append((method, results))
-        print(f"{MODEL}, {args.images} JPEG images 500x375, batch {args.batch_size}, float16 maps; "
+        rows = [(method, measure(method, spec, items, data, work, args.batch_size)) for method in METHODS]
+        print(f"{args.model}, {args.images} JPEG images 500x375, batch {args.batch_size}, float16 maps; "
               f"load average after: {os.getloadavg()}")
         print(f"{'method':13} {'variant':26} {'wall s':>7} {'img/s':>7} {'x base':>7} {'steady img/s':>13} "
               f"{'x base':>7}")
         for method, results in rows:
             base_wall, base_steady = results["baseline"]
-            n_steady = args.images - args.batch_size
+            base_rate = (args.images - args.batch_size) / base_steady
             for name, (wall, steady) in results.items():
+                skip = 2 if "2 actors" in name else 1
+                rate = (args.images - skip * args.batch_size) / steady
                 print(f"{method:13} {name:26} {wall:7.2f} {args.images / wall:7.1f} {base_wall / wall:7.2f} "
-                      f"{n_steady / steady:13.1f} {base_steady / steady:7.2f}")
+                      f"{rate:13.1f} {rate / base_rate:7.2f}")
             r1, r2 = results["ray, 1 actor"], results["ray, 2 actors"]
-            print(f"{method:13} ray 2 actors / 1 actor: {r1[0] / r2[0]:.2f}x wall, {r1[1] / r2[1]:.2f}x steady")
+            steady1 = (args.images - args.batch_size) / r1[1]
+            steady2 = (args.images - 2 * args.batch_size) / r2[1]
+            print(f"{method:13} ray 2 actors / 1 actor: {r1[0] / r2[0]:.2f}x wall, {steady2 / steady1:.2f}x steady")
         from vitlens.scale.store import open_store
 
         st = open_store(work / f"{METHODS[0]}-local")
