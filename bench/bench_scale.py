@@ -16,8 +16,9 @@ what they cost on a real data set. Every variant reads the same files and writes
 
 Rates are images / wall time of the whole run (Ray: from submitting the job, actor start-up included), and the
 steady rate: the images of the batches committed after the first N (N = the number of actors, 1 otherwise) over the
-time from the N-th commit to the last, when every actor has started and explained a batch (start-up excluded). Ratios are against the baseline measured
-in the same run. The machine has 2 cores; the load average is printed before and after.
+time from the N-th commit to the last, when every actor has started and explained a batch (start-up excluded).
+Ratios are against the baseline measured in the same run. The machine has 2 cores; the load average is printed before
+and after.
 """
 
 from __future__ import annotations
