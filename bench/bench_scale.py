@@ -15,8 +15,8 @@ what they cost on a real data set. Every variant reads the same files and writes
 - ray N: `run_ray` with N model actors of one CPU and one torch thread each, on a local Ray of 2 CPUs.
 
 Rates are images / wall time of the whole run (Ray: from submitting the job, actor start-up included), and the
-steady rate: the images of the batches committed after the first N (N = the number of actors, 1 otherwise) over the
-time from the N-th commit to the last, when every actor has started and explained a batch (start-up excluded).
+steady rate: the images of the batches committed after the first two over the time from the second commit to the
+last (by then every actor has started and explained a batch: start-up excluded), the same for every variant.
 Ratios are against the baseline measured in the same run. The machine has 2 cores; the load average is printed before
 and after.
 """
@@ -63,23 +63,21 @@ def model_spec(name: str, folder: Path) -> str:
     return str(folder)
 
 
-def baseline(explainer, items, batch_size: int) -> tuple[float, float]:
-    """A plain loop in this process; returns (wall seconds, steady seconds after the first batch)."""
+def baseline(explainer, items, batch_size: int, after_commit) -> None:
+    """A plain loop in this process: read a batch, explain it, keep its maps."""
     from vitlens.scale.job import collate, read_item
 
-    start = time.perf_counter()
-    first = None
-    for s in range(0, len(items), batch_size):
+    for k, s in enumerate(range(0, len(items), batch_size)):
         chunk = items[s : s + batch_size]
         explainer(collate([(it, read_item(it, explainer.preprocess)) for it in chunk]))
-        first = first or time.perf_counter()
-    end = time.perf_counter()
-    return end - start, end - (first or end)
+        after_commit(k + 1)
 
 
-def timed(fn, skip: int = 1) -> tuple[float, float]:
-    """Run ``fn(after_commit)``; returns (wall seconds, seconds from the ``skip``-th commit to the last). With
-    ``skip`` = the number of actors, every actor has loaded its model and explained a batch by then."""
+SKIP = 2  # batches left out of the steady rate: by the second commit every actor has started and explained one
+
+
+def timed(fn, skip: int = SKIP) -> tuple[float, float]:
+    """Run ``fn(after_commit)``; returns (wall seconds, seconds from the ``skip``-th commit to the last)."""
     stamps: list[float] = []
     start = time.perf_counter()
     fn(lambda k: stamps.append(time.perf_counter()))
@@ -121,8 +119,8 @@ def measure(method: str, spec: str, items: list, data: Path, work: Path, batch_s
 
     job = Job(spec, (method,))
     explainer, _ = job.build()
-    baseline(explainer, items[:batch_size], batch_size)  # warm-up
-    results = {"baseline": baseline(explainer, items, batch_size)}
+    baseline(explainer, items[:batch_size], batch_size, lambda k: None)  # warm-up
+    results = {"baseline": timed(lambda cb: baseline(explainer, items, batch_size, cb))}
 
     def store(name: str) -> StoreWriter:
         out = work / f"{method}-{name}"
@@ -135,7 +133,7 @@ def measure(method: str, spec: str, items: list, data: Path, work: Path, batch_s
     for w in (1, 2):
         with store(f"ray{w}") as st:
             results[f"ray, {w} actor{'s' if w > 1 else ''}"] = timed(lambda cb: run_ray(
-                job, items, st, batch_size, workers=w, progress=False, after_commit=cb), skip=w)  # noqa: B023
+                job, items, st, batch_size, workers=w, progress=False, after_commit=cb))  # noqa: B023
     return results
 
 
@@ -164,24 +162,24 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                               "worker_process_setup_hook": "tests.conftest.declare_torchvision_ops"})
+        ray.get(ray.remote(lambda: 0).remote())  # Ray's processes are up: let their start-up settle before timing
+        time.sleep(5)
         torch.set_num_threads(1)
         rows = [(method, measure(method, spec, items, data, work, args.batch_size)) for method in METHODS]
         print(f"{args.model}, {args.images} JPEG images 500x375, batch {args.batch_size}, float16 maps; "
               f"load average after: {os.getloadavg()}")
         print(f"{'method':13} {'variant':26} {'wall s':>7} {'img/s':>7} {'x base':>7} {'steady img/s':>13} "
               f"{'x base':>7}")
+        n_steady = args.images - SKIP * args.batch_size
         for method, results in rows:
             base_wall, base_steady = results["baseline"]
-            base_rate = (args.images - args.batch_size) / base_steady
+            base_rate = n_steady / base_steady
             for name, (wall, steady) in results.items():
-                skip = 2 if "2 actors" in name else 1
-                rate = (args.images - skip * args.batch_size) / steady
+                rate = n_steady / steady
                 print(f"{method:13} {name:26} {wall:7.2f} {args.images / wall:7.1f} {base_wall / wall:7.2f} "
                       f"{rate:13.1f} {rate / base_rate:7.2f}")
             r1, r2 = results["ray, 1 actor"], results["ray, 2 actors"]
-            steady1 = (args.images - args.batch_size) / r1[1]
-            steady2 = (args.images - 2 * args.batch_size) / r2[1]
-            print(f"{method:13} ray 2 actors / 1 actor: {r1[0] / r2[0]:.2f}x wall, {steady2 / steady1:.2f}x steady")
+            print(f"{method:13} ray 2 actors / 1 actor: {r1[0] / r2[0]:.2f}x wall, {r1[1] / r2[1]:.2f}x steady")
         from vitlens.scale.store import open_store
 
         st = open_store(work / f"{METHODS[0]}-local")
