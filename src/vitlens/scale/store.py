@@ -33,7 +33,8 @@ from vitlens.errors import VitlensError
 
 FORMAT = 1
 SETTINGS = "settings.json"
-LOCK = ".lock"  # held (flock) by the one writer; the kernel releases it when the writer dies, even by SIGKILL
+LOCK = ".lock"  # locked (a POSIX record lock) by the one writer; the kernel releases it when the writer dies
+_HELD: set[str] = set()  # stores written by this process (POSIX locks do not conflict within one process)
 PARTS, MAPS = "parts", "maps"
 TMP = ".tmp-"
 OK, ERROR = "ok", "error"
@@ -231,6 +232,7 @@ class StoreWriter(Store):
             raise VitlensError(f"--out {path} is a folder that holds other files, not a vitlens run store; give "
                                "a new or empty folder")
         created, fresh = not path.exists(), not (path / SETTINGS).is_file()
+        self.path = path
         self._lock = _lock(path)
         try:
             self._open(path, settings)
@@ -256,6 +258,7 @@ class StoreWriter(Store):
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+            _HELD.discard(str(self.path.resolve()))
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -355,20 +358,28 @@ class StoreWriter(Store):
 
 
 def _lock(path: Path) -> int | None:
-    """Create ``path`` if needed and take its writer lock (a file descriptor), or fail in one line."""
+    """Create ``path`` if needed and take its writer lock (a file descriptor), or fail in one line.
+
+    A POSIX record lock (``lockf``) belongs to this process only: DataLoader workers forked from it do not hold it,
+    so after the writer is killed the next run may start at once, even while orphaned workers are still exiting."""
     import fcntl
 
+    busy = VitlensError(f"--out {path} is being written by another vitlens run; wait for it to finish or give "
+                        "another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        key = str(path.resolve())
+        if key in _HELD:
+            raise busy
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise VitlensError(f"cannot write --out {path}: {e.strerror or e}; give a folder you can write to") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise VitlensError(f"--out {path} is being written by another vitlens run; wait for it to finish or give "
-                           "another --out") from None
+        raise busy from None
+    _HELD.add(key)
     return fd
 
 
