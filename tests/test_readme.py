@@ -32,7 +32,7 @@ COMMANDS = readme_commands()
 
 def test_the_readme_shows_every_command():
     shown = {argv[0] for argv in COMMANDS}
-    assert {"explain", "heads", "layers", "compare", "swin", "lime", "occlusion", "whatif", "models", "demo", "finetune"} <= shown
+    assert {"explain", "heads", "layers", "compare", "swin", "lime", "occlusion", "whatif", "models", "demo", "finetune", "run"} <= shown
 
 
 @pytest.mark.parametrize("argv", [a for a in COMMANDS if a[0] != "demo"], ids=lambda a: " ".join(a)[:60])
@@ -45,7 +45,8 @@ def test_readme_command_runs_as_shown(argv, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "error" not in err.lower()
     written = [Path(w) for w in re.findall(r"wrote (\S+\.(?:png|npy|csv|md|html))", out.replace(",", ""))]
-    folders = [Path(f) for f in re.findall(r"wrote \d+ files to (\S+)", out)]
+    found = re.findall(r"wrote \d+ files to (\S+)|wrote (\S+) \(\d+ images listed\)", out)  # output folders
+    folders = [Path(name) for pair in found for name in pair if name]
     if "--out" in argv:
         assert written or folders or "figures to" in out, out
     for folder in folders:
