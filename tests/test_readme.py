@@ -32,7 +32,8 @@ COMMANDS = readme_commands()
 
 def test_the_readme_shows_every_command():
     shown = {argv[0] for argv in COMMANDS}
-    assert {"explain", "heads", "layers", "compare", "swin", "lime", "occlusion", "whatif", "models", "demo", "finetune", "run"} <= shown
+    assert {"explain", "heads", "layers", "compare", "swin", "lime", "occlusion", "whatif", "models", "demo",
+            "finetune", "run"} <= shown
 
 
 @pytest.mark.parametrize("argv", [a for a in COMMANDS if a[0] != "demo"], ids=lambda a: " ".join(a)[:60])
