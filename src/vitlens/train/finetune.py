@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,7 @@ def run_finetune(model: VitModel, task: TaskData, settings: Settings, progress: 
     bs = settings.batch_size
     per_epoch = math.ceil(len(inputs_tr) / bs)
 
-    def batches(epoch: int):
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
         order = torch.randperm(len(inputs_tr), generator=g)
         for k in range(0, len(order), bs):
