@@ -84,11 +84,10 @@ def evaluate(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     if method_names is None:
         method_names = list(store.methods) if store is not None else \
             [k for k, m in map_methods().items() if m.applies_to(model) and k != "attention"]
+    samples = load_samples(model, data, n)
     if store is None:
         exps = explainers(model, method_names, seed)
-        samples = load_samples(model, data, n)
     else:
-        samples = load_samples(model, data, n)
         keys = [s.key or s.name for s in samples]
         exps = explainers(model, method_names, seed, store, keys)
         _check_complete(store, keys, [e.name for e in exps if e.name in store.methods])

@@ -38,13 +38,18 @@ def _mask_view(model: Any, mask: np.ndarray) -> np.ndarray:
     return np.asarray(model.preprocess.view(img))[..., 0] > 127
 
 
+def scene_key(i: int) -> str:
+    """The name (and `vitlens run` id) of held-out scene ``i``."""
+    return f"scene{i:04d}"
+
+
 def scene_samples(model: Any, n: int) -> list[Sample]:
     """The first ``n`` held-out two-object scenes (`vitlens.train.embedded.localisation_scenes`: seeded test scenes of
     the committed Fashion-MNIST test items, never seen in training), each item a class with its mask."""
     from vitlens.train.embedded import localisation_scenes
 
     images, masks, classes, _ = localisation_scenes(n)
-    return [Sample(f"scene{i:04d}", model.preprocess.view(Image.fromarray(im)),
+    return [Sample(scene_key(i), model.preprocess.view(Image.fromarray(im)),
                    [(int(c), _mask_view(model, m)) for c, m in zip(cs, ms)])
             for i, (im, ms, cs) in enumerate(zip(images, masks, classes))]
 

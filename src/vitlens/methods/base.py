@@ -271,8 +271,9 @@ OUTPUT = Option("output", str, "probs", "What is explained: class probabilities 
                 choices=("probs", "logits"), cli=False)
 # Forwards of perturbed images always have this many rows, whatever batch_size says (see chunked_scores).
 FORWARD_CHUNK = 32
-BATCH = Option("batch_size", int, 64, "Perturbed images built at once (rounded up to a multiple of 32); the model "
-               "always runs them 32 at a time, so the result never depends on it.", lo=1, hi=4096)
+BATCH = Option("batch_size", int, 64, f"Perturbed images built at once (rounded up to a multiple of {FORWARD_CHUNK}); "
+               f"the model always runs them {FORWARD_CHUNK} at a time, so the result never depends on it.", lo=1,
+               hi=4096)
 
 
 def model_kind(model: Any) -> str:

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from vitlens.scale.listing import Item, describe_data, load_item
 from vitlens.scale.store import BatchResult
 
 DEFAULT_TOP_K = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ class BatchExplainer:
                            errors)
 
 
-def plan_batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
-    """The items cut into batches in listing order (the same cut whatever the engine)."""
+def plan_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
+    """The items (or their indices) cut into batches in listing order (the same cut whatever the engine)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise VitlensError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
     return [list(items[s : s + batch_size]) for s in range(0, len(items), batch_size)]

@@ -16,12 +16,12 @@ from typing import Any
 from PIL import Image
 
 from vitlens.errors import VitlensError
+from vitlens.eval.data import MASK_SUFFIX, scene_key  # NAME.mask.png is ground truth, not an image to explain
 from vitlens.images import IMAGE_SUFFIXES, load_image
 
 SCENES = "scenes"
 SCENES_DEFAULT_N = 500  # as `vitlens evaluate --n`
 SCENE_PREFIX = "scenes:"
-MASK_SUFFIX = ".mask"  # NAME.mask.png beside NAME.png is ground truth for `vitlens evaluate`, not an image to explain
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
@@ -32,11 +32,6 @@ class Item:
     index: int
     key: str
     source: str  # a file path, or 'scenes:I'
-
-
-def scene_key(i: int) -> str:
-    """The id of held-out scene ``i`` (the name `vitlens.eval.data.scene_samples` gives it)."""
-    return f"scene{i:04d}"
 
 
 def describe_data(data: str | Path) -> str:
@@ -108,12 +103,9 @@ def _list_file(path: Path) -> list[tuple[str, str]]:
 
 @functools.lru_cache(maxsize=1)
 def _scenes() -> Any:
-    from vitlens.data.fashion_mnist import load_fixture_items
-    from vitlens.data.scenes import SceneDataset
-    from vitlens.train.embedded import LOCALISATION_SEED, TWO_OBJECTS
+    from vitlens.train.embedded import localisation_dataset
 
-    # the held-out scenes of `vitlens evaluate --data scenes`: scene i depends only on (seed, split, i)
-    return SceneDataset(2**31 - 1, seed=LOCALISATION_SEED, split="test", cfg=TWO_OBJECTS, items=load_fixture_items())
+    return localisation_dataset()  # the held-out scenes of `vitlens evaluate --data scenes`
 
 
 def load_item(source: str) -> Image.Image:

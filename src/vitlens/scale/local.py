@@ -55,12 +55,8 @@ class _Items(Dataset):
 
 def load_batches(items: Sequence[Item], preprocess: Any, batch_size: int, workers: int) -> Iterator[Loaded]:
     """Batches of ``items`` (cut by `plan_batches`) read by ``workers`` DataLoader processes (0: in this one)."""
-    plan = plan_batches(items, batch_size)
-    starts, s = [], 0
-    for b in plan:
-        starts.append(list(range(s, s + len(b))))
-        s += len(b)
-    loader = DataLoader(_Items(items, preprocess), batch_sampler=starts, num_workers=workers, collate_fn=collate,
+    loader = DataLoader(_Items(items, preprocess), batch_sampler=plan_batches(range(len(items)), batch_size),
+                        num_workers=workers, collate_fn=collate,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     yield from loader
 

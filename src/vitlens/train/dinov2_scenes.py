@@ -72,8 +72,9 @@ def build_classifier(backbone_folder: Path) -> Any:
 
 def normalise(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] with ImageNet mean/std."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    from vitlens.train.finetune import normalise as normalise_by
+
+    return normalise_by(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()

@@ -364,14 +364,20 @@ def train_embedded(
     return describe_folder(Path(out_dir) / name)
 
 
+def localisation_dataset() -> SceneDataset:
+    """The held-out two-object scenes as a dataset (scene ``i`` depends only on ``i``): seeded test scenes of the
+    committed Fashion-MNIST test items, never seen in training."""
+    from vitlens.data.fashion_mnist import load_fixture_items
+
+    return SceneDataset(2**31 - 1, seed=LOCALISATION_SEED, split="test", cfg=TWO_OBJECTS, items=load_fixture_items())
+
+
 def localisation_scenes(n: int = LOCALISATION_SCENES) -> tuple[list, list, list, str]:
     """Two-object scenes with ground truth for localisation rates: (images, masks, classes, description).
 
     Seeded test scenes from the committed Fashion-MNIST test items (never seen in training), so that tests can
     measure the same rate without the Debian package."""
-    from vitlens.data.fashion_mnist import load_fixture_items
-
-    ds = SceneDataset(n, seed=LOCALISATION_SEED, split="test", cfg=TWO_OBJECTS, items=load_fixture_items())
+    ds = localisation_dataset()
     scenes = [ds[i] for i in range(n)]
     about = f"{n} two-object SceneDataset(split='test', seed={LOCALISATION_SEED}) scenes from the fixture test items"
     return [s.image for s in scenes], [s.masks for s in scenes], [s.classes for s in scenes], about
