@@ -135,30 +135,29 @@ def test_zero_adapters_and_lora_leave_outputs_unchanged(family):
             assert not torch.allclose(logits(m, x), ref, atol=1e-4), (family, method)
 
 
-def _hf_vit_layer(layer, x, adapters):
-    """transformers ViTLayer by hand, with adapters where Houlsby / He et al. put them."""
-    a = layer.attention(layer.layernorm_before(x))[0]
+def _block_by_hand(attn, norm1, mlp, norm2, x, adapters):
+    """A pre-norm transformer block by hand (no layer scale, no drop path), with adapters where Houlsby / He et al.
+    put them."""
+    a = attn(norm1(x))
     if "attn" in adapters:
         a = a + adapters["attn"](a)
     h = x + a
-    m = layer.mlp(layer.layernorm_after(h))
+    m = mlp(norm2(h))
     if "mlp" in adapters:
         m = m + adapters["mlp"](m)
     out = h + m
     return out + adapters["parallel"](x) if "parallel" in adapters else out
+
+
+def _hf_vit_layer(layer, x, adapters):
+    """transformers ViTLayer by hand."""
+    return _block_by_hand(lambda y: layer.attention(y)[0], layer.layernorm_before, layer.mlp, layer.layernorm_after,
+                          x, adapters)
 
 
 def _timm_block(block, x, adapters):
-    """timm ViT Block by hand (no layer scale, no drop path), with adapters."""
-    a = block.attn(block.norm1(x))
-    if "attn" in adapters:
-        a = a + adapters["attn"](a)
-    h = x + a
-    m = block.mlp(block.norm2(h))
-    if "mlp" in adapters:
-        m = m + adapters["mlp"](m)
-    out = h + m
-    return out + adapters["parallel"](x) if "parallel" in adapters else out
+    """timm ViT Block by hand."""
+    return _block_by_hand(block.attn, block.norm1, block.mlp, block.norm2, x, adapters)
 
 
 @pytest.mark.parametrize("kind", ["hf", "timm"])
