@@ -100,7 +100,7 @@ def finetune(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
              adapter_placement: str, seed: int, rollout_images: int, out: str) -> None:
     """Fine-tune a ViT or Swin classifier and save it where `vitlens explain --model DIR` reads it."""
     from vitlens.models.hf import is_hf_model
-    from vitlens.train.finetune import Settings, parse_method, run_finetune, save_finetuned
+    from vitlens.train.finetune import Settings, check_saveable, normalise, parse_method, run_finetune, save_finetuned
     from vitlens.train.finetune_data import load_task
     from vitlens.train.finetune_rollout import map_correlation, rollout_figure, rollout_maps
 
@@ -112,15 +112,11 @@ def finetune(model_spec: str, weights: str | None, timm_kwargs: str | None, imag
     folder = check_out_dir(out)
     _threads(threads)
     model = load(model_spec, weights, timm_kwargs, image_size, device)
-    if settings.method == "adapter" and not is_hf_model(model.module):
-        raise VitlensError("saving bottleneck adapters is supported for transformers models; for a timm model use "
-                           "--method head, full or lora")
+    check_saveable(model.module, settings.method)
     size = _task_size(model, image_size)
     task = load_task(data, size, n_train, n_eval, eval_fraction)
     pre = model.preprocess
     shown = min(rollout_images, len(task.eval_images))
-    from vitlens.train.finetune import normalise
-
     # rollout before/after on up to ROLLOUT_MEASURED held-out images (the correlation), the first `shown` drawn
     measured = min(len(task.eval_images), max(shown, ROLLOUT_MEASURED)) if shown else 0
     x_fig = normalise(task.eval_images[:measured], pre.mean, pre.std)

@@ -343,15 +343,20 @@ def save_finetuned(module: nn.Module, folder: str | Path, settings: Settings, si
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
+def check_saveable(module: nn.Module, method: str) -> None:
+    """Refuse, before any training, a result that could not be saved: bottleneck adapters on a timm model."""
+    if method == "adapter" and not is_hf_model(module):
+        raise VitlensError("saving bottleneck adapters is supported for transformers models; for a timm model use "
+                           "--method head, full or lora")
+
+
 def _save(module: Any, folder: Path, settings: Settings) -> None:
     from safetensors.torch import save_file
 
+    check_saveable(module, settings.method)
     if settings.method == "lora":
         merge_lora(module)
     if not is_hf_model(module):
-        if settings.method == "adapter":
-            raise VitlensError("saving bottleneck adapters is supported for transformers models; for a timm model "
-                               "use --method head, full or lora")
         sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     elif settings.method == "adapter":
