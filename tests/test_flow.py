@@ -181,3 +181,17 @@ def test_declared_options_are_checked():
     with pytest.raises(VitlensError, match="residual_weight"):
         AttentionFlow(vitlens.wrap(module), residual_weight=1.5)
     assert vitlens.methods.METHODS["flow"] is AttentionFlow
+
+
+def test_missing_numba_is_one_clear_line(monkeypatch):
+    import sys
+
+    from vitlens import layered_flow
+
+    layered_flow._engine.cache_clear()
+    monkeypatch.setitem(sys.modules, "numba", None)
+    try:
+        with pytest.raises(VitlensError, match=r"needs numba: pip install 'vitlens\[flow\]'"):
+            layered_max_flow(np.ones((1, 2)), [np.ones((1, 2, 2))], [0])
+    finally:
+        layered_flow._engine.cache_clear()

@@ -7,7 +7,7 @@ from PIL import Image
 
 import vitlens
 from factories import hf_vit
-from vitlens.eval.localisation import grad_rollout_in_mask, mask_cover, max_in_mask
+from vitlens.eval.localisation import grad_rollout_in_mask, mask_cover, max_in_mask, pointing_hits
 
 
 def test_mask_cover_by_hand():
@@ -28,6 +28,21 @@ def test_max_in_mask_by_hand():
     assert max_in_mask(maps, masks, min_cover=0.3).tolist() == [False, False]
     with pytest.raises(vitlens.VitlensError, match="one mask each"):
         max_in_mask(maps, masks[:1])
+
+
+def test_pointing_hits_share_ties_by_hand():
+    maps = torch.tensor([[[0.0, 1.0], [0.5, 0.0]],  # one maximum, in the masked top-right cell: hit 1
+                         [[0.2, 0.2], [0.1, 0.0]],  # two tied maxima, one in the mask: 1/2
+                         [[1.0, 1.0], [1.0, 1.0 - 1e-8]]])  # four maxima within the tolerance, one masked: 1/4
+    masks = np.zeros((3, 4, 4), bool)
+    masks[:, 0:2, 2:4] = True  # the top-right cell
+    torch.testing.assert_close(pointing_hits(maps, masks), torch.tensor([1.0, 0.5, 0.25]))
+    # no ties: the same as max_in_mask, for random maps and masks
+    rng = np.random.default_rng(0)
+    maps, masks = torch.rand(50, 4, 4), rng.random((50, 8, 8)) < 0.3
+    torch.testing.assert_close(pointing_hits(maps, masks), max_in_mask(maps, masks).float())
+    with pytest.raises(vitlens.VitlensError, match="one mask each"):
+        pointing_hits(maps, masks[:1])
 
 
 def test_grad_rollout_in_mask_equals_item_by_item_loop():

@@ -5,52 +5,134 @@ level 0. Edges: sigma -> (K, i) with capacity ``source[i]``; (k, i) -> (k-1, j) 
 for k = K..2; (1, i) -> t with capacity ``mats[0][i, t]``. The other level-0 nodes have no way out, so they and
 their edges are left out: they cannot carry flow to t.
 
-Algorithm (exact up to float64 rounding, with a certificate). The flow is built in rounds. Each round scales the
-current residual capacities by a power of two K, rounds them DOWN to integers and solves that integer problem
-exactly with an integer max-flow engine (scipy's Dinic, in C; many problems at once as one disjoint union). Since
-the integers are at most K times the true residuals, the integer flow divided by K is feasible for the real
-capacities: the flow value so far is a LOWER bound. The nodes still reachable from the source in the integer
-residual graph form a cut; its real residual capacity, computed in float64, is an UPPER bound on what can still be
-added (max-flow/min-cut). Rounding lost less than one unit per cut edge, so the gap shrinks by a factor of about
-(cut edges) / 2^31 each round; the next round scales by 2^31 / gap. A problem stops when gap <= rtol * flow + atol;
-the result is the feasible flow's value and ``gaps`` the certified distance to the exact maximum.
+Algorithm: Dinic's blocking flows on float64 residual capacities, compiled with numba (one compiled loop solves
+every problem of the batch; the graph's arcs are laid out once, in CSR order, and only the capacities change from
+problem to problem). An augmenting path lowers each of its arcs by its smallest residual, so the bottleneck arc
+becomes exactly 0 and no residual goes negative: the flow is feasible up to float64 rounding of the sums. When no
+path is left, the nodes reachable from sigma form a cut; its capacity (summed from the original capacities) is an
+upper bound on the max flow, so ``gaps`` = cut capacity - flow value certifies how far each value can be from the
+exact maximum (float64 rounding only: about 1e-15 relative).
 
-scipy is imported lazily (``pip install 'vitlens[flow]'``).
+numba is imported lazily (``pip install 'vitlens[flow]'``); the first call compiles the loop (a few seconds, cached
+on disk by numba afterwards).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache, lru_cache
 
 import numpy as np
 
 from vitlens.errors import VitlensError
 
-INT_MAX = 2**31 - 1  # scipy's max-flow works on int32 capacities and flows
-MAX_EDGES = 3_000_000  # edges of one disjoint union solved in one call (memory: ~60 bytes an edge)
 
-
-def _scipy():
+@cache
+def _engine():
+    """The compiled solver (numba), built on first use."""
     try:
-        import scipy.sparse as sparse
-        from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+        from numba import njit
     except ImportError:
-        raise VitlensError("attention flow needs scipy: pip install 'vitlens[flow]'") from None
-    return sparse, maximum_flow, breadth_first_order
+        raise VitlensError("attention flow needs numba: pip install 'vitlens[flow]'") from None
+    return njit(cache=True, nogil=True)(_dinic_all)
 
 
-class _Template:
-    """Edges of one problem (without the sink column): tails, heads, and where each level's nodes start."""
+def _dinic_all(indptr, to, rev, arc_of_edge, tails, heads, common, last, sigma, sink):  # pragma: no cover
+    """Max flow values and certified gaps [B, S] on one CSR graph (numba kernel). Problem (b, s) has the edge
+    capacities ``common[b]`` followed by ``last[b, s]`` (the edges into the sink)."""
+    num_nodes = indptr.shape[0] - 1
+    num_arcs = to.shape[0]
+    images, num_common = common.shape
+    sinks = last.shape[1]
+    num_edges = num_common + last.shape[2]
+    values = np.zeros((images, sinks))
+    gaps = np.zeros((images, sinks))
+    caps = np.empty(num_edges)
+    tail_of = np.empty(num_arcs, np.int64)
+    for u in range(num_nodes):
+        for a in range(indptr[u], indptr[u + 1]):
+            tail_of[a] = u
+    r = np.empty(num_arcs)
+    level = np.empty(num_nodes, np.int64)
+    it = np.empty(num_nodes, np.int64)
+    queue = np.empty(num_nodes, np.int64)
+    path = np.empty(num_nodes, np.int64)
+    for p in range(images * sinks):
+        b, s = p // sinks, p % sinks
+        caps[:num_common] = common[b]
+        caps[num_common:] = last[b, s]
+        r[:] = 0.0
+        for e in range(num_edges):
+            r[arc_of_edge[e]] = caps[e]
+        total = 0.0
+        while True:
+            level[:] = -1
+            level[sigma] = 0
+            queue[0] = sigma
+            q_head, q_tail = 0, 1
+            while q_head < q_tail:
+                u = queue[q_head]
+                q_head += 1
+                for a in range(indptr[u], indptr[u + 1]):
+                    v = to[a]
+                    if r[a] > 0.0 and level[v] < 0:
+                        level[v] = level[u] + 1
+                        queue[q_tail] = v
+                        q_tail += 1
+            if level[sink] < 0:
+                break
+            for u in range(num_nodes):
+                it[u] = indptr[u]
+            depth, u = 0, sigma
+            while True:
+                if u == sink:
+                    push = r[path[0]]
+                    for k in range(1, depth):
+                        push = min(push, r[path[k]])
+                    for k in range(depth):
+                        a = path[k]
+                        r[a] -= push
+                        r[rev[a]] += push
+                    total += push
+                    depth, u = 0, sigma  # the arcs' pointers keep their places: the next path starts afresh
+                    continue
+                advanced = False
+                while it[u] < indptr[u + 1]:
+                    a = it[u]
+                    v = to[a]
+                    if r[a] > 0.0 and level[v] == level[u] + 1:
+                        path[depth] = a
+                        depth += 1
+                        u = v
+                        advanced = True
+                        break
+                    it[u] += 1
+                if not advanced:
+                    if depth == 0:
+                        break
+                    level[u] = -1  # a dead end in this phase
+                    depth -= 1
+                    u = tail_of[path[depth]]
+                    it[u] += 1
+        cut = 0.0
+        for e in range(num_edges):
+            if level[tails[e]] >= 0 and level[heads[e]] < 0:
+                cut += caps[e]
+        values[b, s] = total
+        gaps[b, s] = max(cut - total, 0.0)
+    return values, gaps
+
+
+class _Graph:
+    """One problem's nodes and edges in CSR order: sigma = 0, level K ... level 1, then the sink t."""
 
     def __init__(self, sizes: Sequence[int]) -> None:
-        # node 0 = sigma, then level K first ... level 1, then the sink t as the last node
-        self.sizes = list(sizes)  # n_0 .. n_K
         k_top = len(sizes) - 1
         start, offset = {}, 1
         for k in range(k_top, 0, -1):
             start[k] = offset
             offset += sizes[k]
-        self.start, self.sink, self.num_nodes = start, offset, offset + 1
+        self.sink, num_nodes = offset, offset + 1
         tails = [np.zeros(sizes[k_top], np.int64)]
         heads = [start[k_top] + np.arange(sizes[k_top])]
         for k in range(k_top, 1, -1):
@@ -60,56 +142,39 @@ class _Template:
         tails.append(start[1] + np.arange(sizes[1]))
         heads.append(np.full(sizes[1], self.sink))
         self.tails, self.heads = np.concatenate(tails), np.concatenate(heads)
-        self.num_edges = e = len(self.tails)
-        # one problem's arcs: u -> v (forward residual), v -> u (flow that can go back), sigma -> super-source,
-        # sink -> super-sink; the super nodes get local numbers -2, -1 so that they sort first in every row
-        rows = np.concatenate([self.tails, self.heads, [0, self.sink]])
-        cols = np.concatenate([self.heads, self.tails, [-2, -1]])
-        self.order = np.lexsort((cols, rows))  # local CSR order of the arcs
-        position = np.empty_like(self.order)
-        position[self.order] = np.arange(len(self.order))
-        self.arc_fwd = position[:e]  # where each edge's forward arc sits in the local CSR order
-        self.cols = cols[self.order]
-        self.row_counts = np.bincount(rows, minlength=self.num_nodes)
-        self._unions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        e = len(self.tails)
+        # arcs: e forward (u -> v) then e backward (v -> u, the flow that can go back), grouped by their tail
+        arc_tail = np.concatenate([self.tails, self.heads])
+        order = np.argsort(arc_tail, kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(2 * e)
+        self.to = np.concatenate([self.heads, self.tails])[order]
+        self.rev = position[(order + e) % (2 * e)]
+        self.arc_of_edge = position[:e]
+        self.indptr = np.zeros(num_nodes + 1, np.int64)
+        np.cumsum(np.bincount(arc_tail, minlength=num_nodes), out=self.indptr[1:])
 
-    def union(self, sparse, data: np.ndarray, budget: int):
-        """The disjoint union of m problems (``data`` [m, 2E+2]: each problem's arc capacities, in arc order) as one
-        CSR graph: node 0 the super-source (an arc of capacity ``budget`` to each problem's source), node 1 the
-        super-sink, then each problem's nodes. Every edge appears as two arcs, so scipy adds none and its flow matrix
-        shares this structure: super-source row, super-sink row, then problem by problem in local order."""
-        m = data.shape[0]
-        if m not in self._unions:
-            first = 2 + self.num_nodes * np.arange(m)
-            cols = self.cols[None] + first[:, None]
-            cols[:, self.cols == -2], cols[:, self.cols == -1] = 0, 1
-            cols = np.concatenate([first, first + self.sink, cols.ravel()]).astype(np.int32)
-            counts = np.concatenate([[m, m], np.tile(self.row_counts, m)])
-            indptr = np.zeros(len(counts) + 1, np.int32)
-            np.cumsum(counts, out=indptr[1:])
-            self._unions = {m: (cols, indptr)}
-        cols, indptr = self._unions[m]
-        body = data[:, self.order].ravel()
-        values = np.concatenate([np.full(m, budget, np.int32), np.zeros(m, np.int32), body])
-        n = 2 + self.num_nodes * m
-        graph = sparse.csr_matrix((values, cols, indptr), shape=(n, n))
-        graph.has_sorted_indices = True
-        return graph
-
-    def capacities(self, source: np.ndarray, mats: Sequence[np.ndarray], sink: int) -> np.ndarray:
-        """Edge capacities [E] of one problem (one graph, one sink)."""
-        middle = [mats[k - 1].ravel() for k in range(len(mats), 1, -1)]
-        return np.concatenate([source, *middle, mats[0][:, sink]])
+    def solve(self, common: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Max flow values and certified gaps [B, S]: capacities ``common`` [B, E - n_1] (every edge but those into
+        the sink, in edge order) and ``last`` [B, S, n_1] (the edges into each problem's sink)."""
+        return _engine()(self.indptr, self.to, self.rev, self.arc_of_edge, self.tails, self.heads,
+                         np.ascontiguousarray(common), np.ascontiguousarray(last), 0, self.sink)
 
 
-def layered_max_flow(source: np.ndarray, mats: Sequence[np.ndarray], sinks: Sequence[int], rtol: float = 1e-12,
-                     max_rounds: int = 12) -> tuple[np.ndarray, np.ndarray]:
+@lru_cache(maxsize=8)
+def _graph(sizes: tuple[int, ...]) -> _Graph:
+    """The CSR layout for these level sizes (built once: an image's flows and the next image's share it)."""
+    return _Graph(sizes)
+
+
+def layered_max_flow(source: np.ndarray, mats: Sequence[np.ndarray],
+                     sinks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Maximum flow values [B, S] from the source to each of ``sinks`` (level-0 node indices), and certified gaps.
 
     ``source``: [B, n_K] capacities from the source to the top level; ``mats[k]``: [B, n_{k+1}, n_k] capacities
     from level k+1 to level k (``mats[0]`` ends at the sinks' level). All capacities must be finite and >= 0.
-    Returns (flows, gaps), float64 [B, S]: each flow is feasible and within its gap (<= rtol * flow + 1e-15 * the
-    source's total capacity) of the exact maximum.
+    Returns (flows, gaps), float64 [B, S]: each flow is feasible (up to float64 rounding) and within its gap of the
+    exact maximum (a cut's capacity minus the flow).
     """
     source = np.asarray(source, np.float64)
     mats = [np.asarray(m, np.float64) for m in mats]
@@ -120,68 +185,11 @@ def layered_max_flow(source: np.ndarray, mats: Sequence[np.ndarray], sinks: Sequ
         raise VitlensError("layered_max_flow: mats[k] must be [B, n_(k+1), n_k] and source [B, n_K]")
     if not all(np.isfinite(a).all() and (a >= 0).all() for a in (source, *mats)):
         raise VitlensError("layered_max_flow: capacities must be finite and non-negative")
-    sinks = [int(t) for t in sinks]
+    columns = np.asarray([int(t) for t in sinks], np.int64)
     keep = source.any(0)  # top nodes that no problem feeds carry no flow (e.g. all but CLS): leave them out
     if not keep.all() and keep.any():
         source, mats[-1] = source[:, keep], mats[-1][:, keep]
         sizes[-1] = int(keep.sum())
-    tpl = _Template(sizes)
-    problems = [(i, s) for i in range(b) for s in range(len(sinks))]
-    flows, gaps = np.zeros((b, len(sinks))), np.zeros((b, len(sinks)))
-    per_call = max(1, MAX_EDGES // tpl.num_edges)
-    for lo in range(0, len(problems), per_call):
-        chunk = problems[lo: lo + per_call]
-        caps = np.stack([tpl.capacities(source[i], [m[i] for m in mats], sinks[s]) for i, s in chunk])
-        f, g = _solve_union(tpl, caps, rtol, max_rounds)
-        for (i, s), fv, gv in zip(chunk, f, g):
-            flows[i, s], gaps[i, s] = fv, gv
-    return flows, gaps
-
-
-def _solve_union(tpl: _Template, caps: np.ndarray, rtol: float, max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Max flows of C problems with the template's edges and capacities ``caps`` [C, E], solved as one union."""
-    sparse, maximum_flow, breadth_first_order = _scipy()
-    c, e = caps.shape
-    n_top = tpl.sizes[-1]
-    flow = np.zeros_like(caps)  # float64 flow on every edge of every problem
-    value = np.zeros(c)
-    top = caps[:, :n_top].sum(1)
-    bottom = caps[:, e - tpl.sizes[1]:].sum(1)
-    gap = np.minimum(top, bottom)  # both are cuts: upper bounds on the flow
-    atol = 1e-15 * top
-    for _ in range(max_rounds):
-        open_ = np.flatnonzero(gap > rtol * value + atol)
-        if len(open_) == 0:
-            break
-        m = len(open_)
-        budget = INT_MAX // (m + 1)  # the flow of one problem in integers, so that the union's flow fits in int32
-        scale = np.exp2(np.floor(np.log2(budget / gap[open_])))[:, None]  # powers of two: exact products, quotients
-        f = flow[open_]
-        residual = caps[open_] - f
-        np.maximum(residual, 0.0, out=residual)
-        data = np.empty((m, 2 * e + 2), np.float64)  # the arcs of each problem: forward, backward, sigma/sink links
-        np.multiply(residual, scale, out=data[:, :e])
-        np.multiply(f, scale, out=data[:, e:2 * e])
-        data[:, 2 * e], data[:, 2 * e + 1] = 0, budget  # sigma -> super-source, sink -> super-sink
-        np.floor(data, out=data)
-        np.minimum(data, budget, out=data)  # an edge above the budget is never in a min cut
-        graph = tpl.union(sparse, data.astype(np.int32), budget)
-        res = maximum_flow(graph, 0, 1, method="dinic")
-        body = res.flow.data[2 * m:].reshape(m, -1)  # each problem's arcs, in its local CSR order
-        moved = body[:, tpl.arc_fwd].astype(np.float64) / scale  # net flow along each edge, exact (power of two)
-        f += moved
-        flow[open_] = f
-        value[open_] += moved[:, :n_top].sum(1)
-        # the cut: nodes reachable from the super-source in the integer residual graph
-        left = graph.copy()
-        left.data -= res.flow.data
-        left.eliminate_zeros()
-        reach = np.zeros(graph.shape[0], bool)
-        reach[breadth_first_order(left, 0, directed=True, return_predecessors=False)] = True
-        inside = reach[2:].reshape(m, tpl.num_nodes)
-        inside[:, 0], inside[:, tpl.sink] = True, False  # a valid source/sink cut of each problem
-        t_in, h_in = inside[:, tpl.tails], inside[:, tpl.heads]
-        residual = caps[open_] - f
-        np.maximum(residual, 0.0, out=residual)
-        gap[open_] = (residual * (t_in & ~h_in)).sum(1) + (f * (h_in & ~t_in)).sum(1)
-    return value, gap
+    graph = _graph(tuple(sizes))
+    common = np.concatenate([source] + [mats[k - 1].reshape(b, -1) for k in range(len(mats), 1, -1)], axis=1)
+    return graph.solve(common, mats[0][:, :, columns].transpose(0, 2, 1))

@@ -37,6 +37,25 @@ def max_in_mask(maps: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarra
     return cover.flatten(1).gather(1, top[:, None])[:, 0] >= min_cover
 
 
+TIE_RTOL = 1e-6
+
+
+def pointing_hits(maps: torch.Tensor, masks: torch.Tensor | np.ndarray,
+                  min_cover: float = DEFAULT_MIN_COVER) -> torch.Tensor:
+    """float [B]: the pointing game's expected hit with ties broken uniformly at random: the share of each map's
+    maximal cells (within ``TIE_RTOL`` of the maximum) that the mask covers at least ``min_cover``. Without ties this
+    is `max_in_mask`; with ties (attention flow saturates many tokens at the readout's capacity, a centred Gaussian on
+    an even grid has four maxima) no cell wins by its position in the grid."""
+    maps = torch.as_tensor(maps).float()
+    if maps.ndim != 3 or len(maps) != len(masks):
+        raise VitlensError(f"maps must be [B, gh, gw] with one mask each, got {tuple(maps.shape)} and {len(masks)}")
+    cover = mask_cover(masks, (maps.shape[1], maps.shape[2])).to(maps.device).flatten(1) >= min_cover
+    flat = maps.flatten(1)
+    top = flat.amax(1, keepdim=True)
+    tied = flat >= top - TIE_RTOL * top.abs()
+    return (tied & cover).sum(1) / tied.sum(1)
+
+
 @dataclass
 class Localisation:
     """Hits of a method's maximum inside the target object's mask: counts, rate and one flag per item."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from vitlens.errors import VitlensError
 from vitlens.eval.curves import average_precision, counts, keep_mask, relevance_order, spearman, trapezoid
-from vitlens.eval.localisation import DEFAULT_MIN_COVER, max_in_mask
+from vitlens.eval.localisation import DEFAULT_MIN_COVER, pointing_hits
 from vitlens.eval.removal import FORWARD_BATCH, Remover
 
 CHEFER_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(10))  # 0 (unperturbed), 0.1, ..., 0.9
@@ -265,7 +265,8 @@ def _masked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 class PointingGame(Metric):
-    """Hit (1) when the cell holding the map's maximum is covered at least ``min_cover`` by the mask (`max_in_mask`)."""
+    """Hit (1) when the cell holding the map's maximum is covered at least ``min_cover`` by the mask; on ties, the
+    share of the tied maxima that are (`pointing_hits`: the expected hit with ties broken at random)."""
 
     name = "pointing"
     higher_is_better = True
@@ -276,8 +277,8 @@ class PointingGame(Metric):
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         assert batch.masks is not None
-        hit = max_in_mask(batch.maps.float().cpu(), batch.masks.cpu(), self.min_cover).float()
-        return {self.name: _masked(hit.to(batch.maps.device), batch)}
+        hit = pointing_hits(batch.maps, batch.masks, self.min_cover)
+        return {self.name: _masked(hit, batch)}
 
 
 class Energy(Metric):

@@ -39,7 +39,7 @@ class AttentionFlow(Method):
     this is exactly the authors' max flow from the output CLS node, whose out-capacity is 1; for a mean readout
     (Swin, BEiT, GAP models) or CLS+distillation it is the honest generalisation (the pooled vector draws r_i from
     token i). Swin's patch merging is a level of its own, with the merge matrix as capacities. The max flows are
-    exact (see `vitlens.layered_flow`: feasible flows within a certified gap of 1e-12 relative).
+    exact (see `vitlens.layered_flow`: feasible flows, each with a certified gap to the exact maximum).
 
     Maps are max-normalised; ``extras['flow']`` holds the raw flow values [B, gh, gw] (float64) and
     ``extras['gap']`` the largest certified distance of any of them to the exact maximum (a 0-d tensor).
