@@ -1,6 +1,6 @@
 """Time of `TransformerAttribution` and `AttnLRP` as a ratio to a plain forward + backward of the same model (CPU).
 
-Usage: ``python bench/bench_lrp.py [--quick] [--repeats 5] [--warmup 1] [--min-seconds 6]``
+Usage: ``python bench/bench_lrp.py [--quick] [--models a,b] [--repeats 5] [--warmup 1] [--min-seconds 6]``
 
 The baseline is the timm model as is (fused attention, parameters requiring grad) computing its logits and
 ``logits[:, target].sum().backward()``, measured in the same process. Variants run in interleaved rounds whose order
@@ -112,8 +112,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
     ap.add_argument("--min-seconds", type=float, default=6.0, help="keep adding rounds (up to 25) until this much time")
     ap.add_argument("--flops", action="store_true", help="count FLOPs instead of timing (load-independent)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names (default: both)")
     args = ap.parse_args()
-    models, batches = (MODELS[:1], (1,)) if args.quick else (MODELS, (1, 8))
+    chosen = tuple(args.models.split(","))
+    models, batches = (chosen[:1], (1,)) if args.quick else (chosen, (1, 8))
     warmup, repeats, min_s = (1, 1, 0.0) if args.quick else (args.warmup, args.repeats, args.min_seconds)
     print("bench_lrp:", _env.describe())
     if args.flops:

@@ -77,9 +77,10 @@ def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(z >= 0, z + eps, z - eps)
 
 
-def _ratio(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y / x for the identity rule (R_x = R_y); 0 where x is exactly 0 (the relevance x * g is 0 there anyway)."""
-    return (y / x).nan_to_num_(0.0, 0.0, 0.0)
+def _identity(g: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g * y / x: the gradient at x of the identity rule (R_x = x * g_x = y * g = R_y); 0 where x is exactly 0 (the
+    relevance x * g is 0 there anyway). One buffer, computed in place."""
+    return (g * y).div_(x).nan_to_num_(0.0, 0.0, 0.0)
 
 
 class _Switch(torch.autograd.Function):
@@ -138,7 +139,7 @@ class LRPMode(TorchFunctionMode):
         active = [t for t in tensors if t.requires_grad]
         if name in _ACTIVATIONS or (name in _SOFTMAX and self.rules.softmax == "identity"):
             x = active[0]
-            return self._wrap(lambda g: (None, (g * _ratio(out, x),)), out, x)
+            return self._wrap(lambda g: (None, (_identity(g, out, x),)), out, x)
         if name in _SOFTMAX:
             return out  # AttnLRP's softmax rule is gradient x input
         if len(active) == 2 and (name in _MATMUL or name in _MUL):  # q @ k^T, A @ V, gates: half to each operand
@@ -160,15 +161,17 @@ class LRPMode(TorchFunctionMode):
             cached = self._abs.get(id(w))
             if cached is None or cached[0] != tag:  # new or changed weight: (re)compute, dropping the stale copy
                 wd = w.detach()
-                cached = self._abs[id(w)] = (tag, torch.cat([wd.clamp(min=0), wd.clamp(max=0)], 1), wd.abs())
-            w_split, w_abs = cached[1], cached[2]  # [W+ | W-] [out, 2 in]; |W| [out, in]
+                cached = self._abs[id(w)] = (tag, torch.cat([wd.clamp(min=0), wd.clamp(max=0)], 1), wd.abs(),
+                                             torch.cat([wd, wd.abs()], 1).mul_(0.5))
+            w_split, w_abs, w_half = cached[1], cached[2], cached[3]  # [W+ | W-], |W|, [W | |W|] / 2
 
             def z_plus(g: torch.Tensor) -> tuple:
-                z = positive_part(x, out, bias, w_split, w_abs)
-                s = (out * g).div_(z + TINY).mul_(z != 0)
-                t = s @ w_split  # [s W+ | s W-]
+                s = (out * g).div_(positive_part(x, out, bias, w_split, w_abs, TINY))
+                # s W+ where x > 0, s W- where x < 0 (x = 0 carries no relevance): (s W + sign(x) s |W|) / 2, from
+                # one product; a multiply-add, where torch.where over the two halves costs up to half the product
+                t = s @ w_half
                 n = x.shape[-1]
-                return None, (torch.where(x > 0, t[..., :n], t[..., n:]),)
+                return None, (torch.addcmul(t[..., :n], x.detach().sign(), t[..., n:]),)
 
             return self._wrap(z_plus, out, x)
         eps = self.rules.epsilon
@@ -180,7 +183,7 @@ class LRPMode(TorchFunctionMode):
         if not _grad(x):
             return out
         if self.rules.norm == "identity":
-            return self._wrap(lambda g: (None, (g * _ratio(out, x),)), out, x)
+            return self._wrap(lambda g: (None, (_identity(g, out, x),)), out, x)
         dims = tuple(range(-len(tuple(normalized_shape)), 0))
 
         def constant_std(g: torch.Tensor) -> tuple:
@@ -195,8 +198,9 @@ class LRPMode(TorchFunctionMode):
             return out  # a broadcast sum (e.g. a bias-like term): z-rule
 
         def rescale(g: torch.Tensor) -> tuple:
-            ra = (a * g).flatten(1).sum(1)
-            rb = (b * g).flatten(1).sum(1)
+            g2 = g.reshape(len(g), -1, 1)
+            ra = torch.bmm(a.reshape(len(a), 1, -1), g2).view(-1)  # sum of a * g per sample, without a * g
+            rb = torch.bmm(b.reshape(len(b), 1, -1), g2).view(-1)
             total = ra + rb
             share = ra.abs() + rb.abs()
             fa = _safe_div(_safe_div(ra.abs(), share) * total, ra)
@@ -213,23 +217,28 @@ CANCELLATION = 1e-2
 
 
 def positive_part(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, w_split: torch.Tensor,
-                  w_abs: torch.Tensor) -> torch.Tensor:
-    """Z+_k = sum_j (w_kj x_j)^+ = W+ x+ + W- x- of a linear layer, from its forward output ``out`` = W x + b.
+                  w_abs: torch.Tensor, stabiliser: float = 0.0) -> torch.Tensor:
+    """Z+_k = sum_j (w_kj x_j)^+ = W+ x+ + W- x- of a linear layer, from its forward output ``out`` = W x + b; plus
+    ``stabiliser``, and +inf where Z+ is exactly 0 when ``stabiliser`` > 0, so that dividing by the result is
+    Chefer's safe_divide (a / (Z+ + 1e-9), 0 where Z+ is 0).
 
     One matrix product instead of two: Z+ = (W x + |W| |x|) / 2, with W x = out - b taken from the forward pass.
-    That difference cancels where Z+ is small against |W| |x|, so every row (token) with an output below
+    That difference cancels where Z+ is small against |W| |x|, so every row (token) with an output at or below
     `CANCELLATION` of |W| |x| + |b| is recomputed exactly as W+ x+ + W- x- (every term >= 0: Z+ is then exactly 0
-    when no contribution is positive, and those outputs' relevance is dropped, as in Chefer's safe_divide)."""
+    when no contribution is positive). Elsewhere Z+ > 0, so only the recomputed rows can hold a zero."""
     xd, wx = x.detach(), out.detach()
     magnitude = torch.nn.functional.linear(xd.abs(), w_abs)  # |W| |x|
     z = (wx - bias.detach() if bias is not None else wx).add_(magnitude).mul_(0.5)
     if bias is not None:
-        magnitude = magnitude + bias.detach().abs()
-    rows = (z < CANCELLATION * magnitude).reshape(-1, z.shape[-1]).any(-1)
+        magnitude.add_(bias.detach().abs())
+    rows = (z <= magnitude.mul_(CANCELLATION)).reshape(-1, z.shape[-1]).any(-1)
+    if stabiliser:
+        z.add_(stabiliser)
     if bool(rows.any()):
         flat_x, flat_z = xd.reshape(-1, xd.shape[-1]), z.view(-1, z.shape[-1])
         few = flat_x[rows]
-        flat_z[rows] = torch.nn.functional.linear(torch.cat([few.clamp(min=0), few.clamp(max=0)], -1), w_split)
+        exact = torch.nn.functional.linear(torch.cat([few.clamp(min=0), few.clamp(max=0)], -1), w_split)
+        flat_z[rows] = exact.add(stabiliser).masked_fill_(exact == 0, torch.inf) if stabiliser else exact
     return z
 
 

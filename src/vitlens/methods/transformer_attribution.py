@@ -69,7 +69,7 @@ class TransformerAttribution(GradientMethod, Rollout):
         with torch.no_grad():
             for i in rec.captured():
                 a = rec.probs[i]
-                cams[i] = (grads[i] * (a * rel_grads[i])).clamp_min(0).mean(1)
+                cams[i] = torch.mul(a, rel_grads[i]).mul_(grads[i]).clamp_min_(0).mean(1)
         return cams, logits.detach(), t
 
     def explain(self, x: Images, target: Target = None) -> Explanation:
