@@ -74,7 +74,7 @@ def variants(module: torch.nn.Module, model: vitlens.VitModel, x: torch.Tensor,
     if peer is not None:
         fns["pytorch-grad-cam GradCAM [peer]"] = lambda: peer(x)
     if with_ig:
-        ig = m["ig"](model, n_steps=IG_STEPS, internal_batch_size=IG_STEPS * x.shape[0])
+        ig = m["ig"](model, n_steps=IG_STEPS)  # the default internal batch size (path points per forward)
         fns[f"IG, {IG_STEPS} steps [per step]"] = lambda: ig.explain(x, target)
     return fns
 
