@@ -19,7 +19,9 @@ from PIL import Image
 import factories
 from test_swin import hf_swin
 from vitlens.errors import VitlensError
-from vitlens.methods import Lime
+from vitlens.explanation import max_normalize
+from vitlens.methods import Lime, Rollout
+from vitlens.methods.rollout import RolloutAccumulator, fuse_heads
 from vitlens.models.loading import load_model
 from vitlens.viz.report import report
 from vitlens.viz.report.attention import BlockAttention, capture, dequantise, group_entries, quantise
@@ -30,6 +32,16 @@ CAT = "src/vitlens/assets/demo_cat.png"
 
 def _x(model):
     return model.preprocess.tensor(model.preprocess.view(Image.open(CAT).convert("RGB")))[None]
+
+
+def stored_rollout(model, stored, fusion, discard):
+    """The library's rollout (its accumulator: fusion, discard_lowest, residual, products, readout) of stored
+    attention [H, N, N] per block (what the page holds), max-normalised after every block: [L, gh, gw]."""
+    plan = model.stage_plan(tuple(model.preprocess.size))
+    acc = RolloutAccumulator(plan, 0, discard, 0.5, True, True)
+    for i, a in enumerate(stored):
+        acc.add(i, fuse_heads(a[None], fusion))
+    return max_normalize(torch.stack(acc.depth_maps, 1)[0]).numpy()
 
 
 def _data(page: str) -> dict:
@@ -59,10 +71,33 @@ def test_quantise_rows_by_hand():
     assert np.allclose(coarse.scales, [0.5 / 255, 0.001]) and coarse.codes.tolist() == [255, 102, 100, 0]
     q16 = quantise([b], 16)
     assert q16.codes.dtype == np.uint16 and q16.codes.tolist() == [65535, 26214, 65535, 0]
-    for qq in (q, coarse, q16):
+    exact = quantise([b], 32)  # the float32 values themselves
+    assert exact.codes.dtype == np.float32 and exact.codes.tolist() == b.values[0].tolist() and exact.max_error == 0
+    for qq in (q, coarse, q16, exact):
         back = dequantise(qq, [b])[0]
-        assert np.abs(back - b.values).max() <= qq.max_error + 1e-9
-        assert qq.max_error == pytest.approx(float(qq.scales.max()) / 2)
+        assert qq.max_error == pytest.approx(float(np.abs(back - b.values).max()), abs=1e-12)  # measured
+        assert qq.max_error <= float(qq.scales.max()) / 2 + 1e-9 and qq.wide.size == 0
+
+
+def test_prefix_rows_are_stored_again_as_16_bit_codes_at_8_bits():
+    # two tokens in one group, token 0 a prefix (CLS): its row [0.5, 0.2] is kept as 16-bit codes beside the 8-bit ones
+    b = BlockAttention(0, (1, 1), 1, np.zeros(2, np.int32), np.array([[0.5, 0.2, 0.1, 0.0]], np.float32))
+    q = quantise([b], 8)
+    assert q.codes.tolist() == [255, 102, 255, 0]
+    assert q.wide.dtype == np.uint16 and q.wide.tolist() == [65535, 26214]  # 0.2 / (0.5 / 65535) = 26214
+    assert np.allclose(q.wide_scales, [0.5 / 65535])
+    back = dequantise(q, [b])[0]
+    step16 = float(np.float32(0.5 / 65535))
+    assert np.allclose(back[0, :2], [65535 * step16, 26214 * step16], rtol=0, atol=1e-12)
+    assert np.allclose(back[0, 2:], [255 * float(np.float32(0.1 / 255)), 0.0], rtol=0, atol=1e-12)
+    assert quantise([b], 16).wide.size == 0  # 16 bits: one code per value already
+    # square-root codes: scale = row max / 255^2, code = round(sqrt(value / scale)); the CLS row again at 16 bits
+    sq = quantise([b], 8, sqrt=True)
+    assert sq.sqrt and sq.codes.tolist() == [255, 161, 255, 0]  # sqrt(0.2 / (0.5 / 65025)) = 161.3
+    assert np.allclose(sq.scales, [0.5 / 65025, 0.1 / 65025]) and sq.wide.tolist() == [65535, 26214]
+    back = dequantise(sq, [b])[0]
+    assert np.allclose(back[0, 2:], [255 ** 2 * float(np.float32(0.1 / 65025)), 0.0], rtol=0, atol=1e-12)
+    assert sq.max_error == pytest.approx(float(np.abs(back - b.values).max()), abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["vit", "swin"])
@@ -90,6 +125,7 @@ def test_vit_b16_report_fits_five_megabytes_and_holds_the_attention():
     data = _data(rep.html)
     segs = _unpack(data)
     assert segs["codes"].size == 12 * 12 * 197 * 197 and segs["scales"].size == 12 * 12 * 197
+    assert segs["wide"].size == 12 * 12 * 197 and segs["wideScales"].size == 12 * 12  # every CLS row at 16 bits
     assert data["attention"]["bits"] == rep.info["bits"] == 8
     x = _x(model)
     with torch.no_grad(), model.record(blocks=[0, 11]) as rec:
@@ -101,15 +137,25 @@ def test_vit_b16_report_fits_five_megabytes_and_holds_the_attention():
     # the page's data is exactly what stored_attention says: codes times their row's scale
     codes = segs["codes"][: 12 * 197 * 197].reshape(12, 197, 197).astype(np.float64)
     scales = segs["scales"][: 12 * 197].reshape(12, 197, 1).astype(np.float64)
-    assert np.allclose(codes * scales, stored[0].numpy(), rtol=0, atol=1e-12)
+    assert np.allclose((codes * scales)[:, 1:], stored[0].numpy()[:, 1:], rtol=0, atol=1e-12)
+    wide = segs["wide"][: 12 * 197].reshape(12, 197).astype(np.float64) * segs["wideScales"][:12, None]
+    assert np.allclose(wide, stored[0].numpy()[:, 0], rtol=0, atol=1e-12)  # the CLS rows come from the 16-bit codes
+    # the rollout of the stored attention (what the page computes) against the library's on the model, every depth
+    # (measured: mean 3.8e-4, max 1.0e-3, min 1.8e-3 at 4.7 MB; the 8-bit CLS rows of before: 1.2e-2, 1.4e-2, 4.9e-2)
+    for fusion, bound in (("mean", 1e-3), ("max", 1.5e-3), ("min", 4e-3)):
+        want = Rollout(model, head_fusion=fusion, per_layer=True).explain(x).extras["per_layer"][0].numpy()
+        got = stored_rollout(model, stored, fusion, 0.0)
+        assert np.abs(got - want).max() < bound, fusion
 
 
 def test_budget_picks_the_finest_encoding_that_fits():
     torch.manual_seed(0)
     model = load_model(factories.hf_vit())
     small = report(CAT, model, methods=[], top_k=1)
-    assert small.info["bits"] == 16 and small.info["floor"] == 0.0  # tiny: the finest encoding
+    assert small.info["bits"] == 32 and small.info["max_error"] == 0.0  # tiny: the float32 values themselves
     tight = report(CAT, model, methods=[], top_k=1, max_bytes=small.nbytes - 1)
+    assert tight.info["bits"] == 16 and tight.nbytes <= small.nbytes - 1
+    tight = report(CAT, model, methods=[], top_k=1, max_bytes=tight.nbytes - 1)
     assert tight.info["bits"] == 8 and tight.nbytes <= small.nbytes - 1
     too_small = report(CAT, model, methods=[], top_k=1, max_bytes=1000)
     assert too_small.info["floor"] == 2.0 ** -8 and any("over the" in n for n in too_small.notes)

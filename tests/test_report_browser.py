@@ -143,16 +143,16 @@ def test_block_slider_shows_the_library_rollout_after_each_block(vit, vit_page):
     for fusion, discard in [("mean", "0"), ("max", "0"), ("min", "0"), ("mean", "0.5"), ("max", "0.9")]:
         page.select_option("#fusion", fusion)
         page.fill("#discard", discard)
-        if discard == "0":  # the library's Rollout on the model itself
-            want = Rollout(model, head_fusion=fusion, per_layer=True).explain(x).extras["per_layer"][0].numpy()
-        else:  # discarding is discontinuous at the cut-off: the library on the attention the page holds
-            want = stored_rollout(model, rep, fusion, float(discard))
+        # the page holds the float32 attention itself: the library's Rollout on the model, discarding included
+        assert rep.info["bits"] == 32
+        want = Rollout(model, head_fusion=fusion, discard_ratio=float(discard), per_layer=True).explain(x)
+        want = want.extras["per_layer"][0].numpy()
         for block in range(model.num_blocks):
             page.fill("#block", str(block))
             cur, shown = _current(page)
             assert (cur["view"], cur["block"], cur["fusion"], cur["discard"]) == ("rollout", block, fusion,
                                                                                   float(discard))
-            assert np.abs(shown - want[block]).max() < 1e-3, (fusion, discard, block)
+            assert np.abs(shown - want[block]).max() < 1e-6, (fusion, discard, block)
     page.select_option("#fusion", "mean")
     page.fill("#discard", "0")
     _no_network(page)
@@ -189,6 +189,40 @@ def test_display_controls_screenshot_and_png(vit_page):
     assert page.evaluate("vitlensReport.pngSize()") > 1000
     assert page.evaluate("vitlensReport.fileName()") == "_script_window.pwned_1_script__rollout_block2.png"
     _no_network(page)
+
+
+def test_8_bit_pages_read_cls_rows_at_16_bits_and_roll_out_within_bounds(browser, vit, tmp_path):
+    model, x, _, _, probs = vit
+    full = report(CAT, model, methods=[], top_k=1)
+    sixteen = report(CAT, model, methods=[], top_k=1, max_bytes=full.nbytes - 1)
+    root = report(CAT, model, methods=[], top_k=1, max_bytes=sixteen.nbytes - 1)
+    linear = report(CAT, model, methods=[], top_k=1, max_bytes=root.nbytes - 1)
+    assert sixteen.info["bits"] == 16
+    assert (root.info["bits"], root.info["sqrt"], root.info["floor"]) == (8, True, 0.0)
+    assert (linear.info["bits"], linear.info["sqrt"]) == (8, False)  # linear codes (with a floor, here)
+    gh, gw = model.layout((32, 32)).grid
+    for rep in (root, linear):
+        page = _open(browser, rep.save(tmp_path / f"vit8-{rep.info['sqrt']}.html"))
+        stored = rep.stored_attention()
+        page.check("#view-attention")
+        page.fill("#block", "1")
+        page.select_option("#head", "2")
+        page.click("#query-cls")  # the CLS row: from the 16-bit codes
+        _, shown = _current(page)
+        np.testing.assert_allclose(shown.reshape(-1), stored[1][2, 0, 1:].numpy(), rtol=0, atol=1e-12)
+        assert np.abs(shown.reshape(-1) - probs[1][2, 0, 1:].numpy()).max() <= 0.5 / 65535 + 1e-7
+        _click_patch(page, 1, 2, (gh, gw))  # a patch's row: 8-bit codes
+        _, shown = _current(page)
+        np.testing.assert_allclose(shown.reshape(-1), stored[1][2, 1 + gw + 2, 1:].numpy(), rtol=0, atol=1e-12)
+        for fusion in ("mean", "max", "min"):
+            got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', 0)"))
+            want = Rollout(model, head_fusion=fusion, per_layer=True).explain(x).extras["per_layer"][0]
+            assert np.abs(got - want.flatten(1).numpy()).max() < 2e-3, fusion
+        for fusion, discard in [("mean", 0.5), ("max", 0.9)]:  # 8 bits: the library on the attention the page holds
+            got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', {discard})"))
+            assert np.abs(got - stored_rollout(model, rep, fusion, discard).reshape(got.shape)).max() < 1e-9
+        _no_network(page)
+        page.close()
 
 
 def test_swin_patch_rows_per_stage_windows_and_rollout(browser, tmp_path):

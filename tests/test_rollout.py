@@ -25,9 +25,29 @@ def test_discard_and_residual_by_hand_3x3():
     row2 = torch.tensor([0.15, 0.00, 0.825]) / 0.975
     torch.testing.assert_close(r[0], torch.stack([row0, row1, row2]))
     torch.testing.assert_close(add_residual(want, 0.0, normalize=False), want)
-    # ratio 0.7 -> floor(6.3) = 6 lowest zeroed (more than half: the keep-largest path); [0, 0] = 0.10 survives
+    # ratio 0.7 -> floor(6.3) = 6 lowest zeroed; [0, 0] = 0.10 survives
     most = discard_lowest(a, 0.7)
     torch.testing.assert_close(most, torch.tensor([[[0.10, 0.50, 0.0], [0.0, 0.70, 0.0], [0.0, 0.0, 0.65]]]))
+
+
+def test_discard_cuts_ties_in_row_major_order():
+    # five equal values 0.2 and the cut falls among them: the first ones in row-major order go (as the explorer page)
+    a = torch.tensor([[[0.9, 0.2, 0.2], [0.2, 0.5, 0.2], [0.2, 0.1, 0.6]]]).repeat(3, 1, 1)
+    # floor(0.45 * 9) = 4 lowest: 0.1 (2,1), then the ties (0,1), (0,2), (1,0)
+    want = torch.tensor([[0.9, 0.0, 0.0], [0.0, 0.5, 0.2], [0.2, 0.0, 0.6]])
+    torch.testing.assert_close(discard_lowest(a, 0.45), want.expand(3, 3, 3))
+    # and the same as a plain loop over sorted (value, index) pairs for random matrices with many ties
+    g = torch.Generator().manual_seed(0)
+    m = torch.randint(0, 4, (5, 6, 6), generator=g).float() / 4
+    for ratio in (0.2, 0.5, 0.8):
+        k = int(ratio * 36)
+        ref = m.clone().reshape(5, 36)
+        for b in range(5):
+            order = sorted(range(36), key=lambda e: (float(ref[b, e]), e))
+            keep0 = ref[b, 0].item()
+            ref[b, order[:k]] = 0.0
+            ref[b, 0] = keep0
+        torch.testing.assert_close(discard_lowest(m, ratio), ref.view(5, 6, 6))
 
 
 def _captured(model, x):

@@ -36,18 +36,16 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
 
 
 def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Zero the floor(ratio * N^2) lowest entries of each [N, N] matrix, except entry [0, 0] (as vit-explain)."""
+    """Zero the floor(ratio * N^2) lowest entries of each [N, N] matrix, except entry [0, 0] (as vit-explain); equal
+    values are cut in row-major order (a stable sort), so the result does not depend on the sorting kernel, and the
+    explorer page cuts them the same way."""
     b, n, _ = a.shape
     k = math.floor(ratio * n * n)
     if k == 0:
         return a
     flat = a.reshape(b, n * n)
-    if k <= n * n - k:  # zero the k lowest
-        idx = flat.topk(k, dim=-1, largest=False, sorted=False).indices
-        out = flat.scatter(1, idx, 0.0)
-    else:  # cheaper: keep the n*n - k largest (the same set, up to ties at the cut-off)
-        idx = flat.topk(n * n - k, dim=-1, largest=True, sorted=False).indices
-        out = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
+    idx = torch.sort(flat, dim=-1, stable=True).indices[:, :k]
+    out = flat.scatter(1, idx, 0.0)
     out[:, 0] = flat[:, 0]  # entry [0, 0] is never discarded
     return out.view(b, n, n)
 

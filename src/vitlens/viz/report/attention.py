@@ -101,53 +101,96 @@ def capture(model: VitModel, x: torch.Tensor) -> CapturedAttention:
 
 @dataclass
 class Quantised:
-    """Codes and per-row scales of every block's attention: value = code * scale (error at most scale / 2)."""
+    """Every block's attention as the page stores it. ``bits`` 32: the captured float32 values themselves (``codes``;
+    ``scales`` all 1). 16 or 8: integer codes per row, value = code * scale, or with ``sqrt`` (8 bits only) value =
+    code^2 * scale: square-root codes, finer for the small values that carry much of a peaked row's mass. At 8 bits
+    the prefix tokens' rows (CLS, distillation, registers) are also stored as 16-bit linear codes (``wide``,
+    ``wide_scales``), which the page reads in their place: a ViT's readout row weighs on the rollout at every depth
+    as much as all its other rows together, so its precision is what the maps need most. ``max_error``: the largest
+    difference between a stored value and the captured one (measured)."""
 
     bits: int
     floor: float
-    codes: np.ndarray  # uint8 or uint16, all blocks, heads, rows concatenated
+    sqrt: bool
+    codes: np.ndarray  # uint8, uint16 or float32: all blocks, heads, rows concatenated
     scales: np.ndarray  # float32, one per (block, head, token)
-
-    @property
-    def max_error(self) -> float:
-        """The largest possible difference between a stored value and the captured one."""
-        return float(self.scales.max()) / 2 if self.scales.size else 0.0
+    wide: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))  # prefix rows, 8-bit storage only
+    wide_scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # one per (block, head, prefix)
+    max_error: float = 0.0
 
 
-def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0) -> Quantised:
-    """Each row's values as integer codes of ``bits`` bits: scale = max(row max / (2^bits - 1), ``floor``), code =
-    round(value / scale). A ``floor`` above zero coarsens rows whose values are all small (near-uniform attention)
-    so that they compress better; the error bound stays scale / 2."""
+def _codes(values: np.ndarray, lengths: np.ndarray, bits: int, floor: float,
+           sqrt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row codes of ``values`` [H, E] (rows of ``lengths``) and their scales [H, N]."""
     top = (1 << bits) - 1
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    codes, scales = [], []
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rowmax = np.maximum.reduceat(values, starts, axis=1)  # [H, N]
+    scale = np.maximum(rowmax / (top * top if sqrt else top), floor).astype(np.float32)
+    scale[scale <= 0] = 1.0  # an all-zero row: codes 0
+    per = np.repeat(scale, lengths, axis=1).astype(np.float64)
+    ratio = values / per
+    codes = np.clip(np.rint(np.sqrt(ratio) if sqrt else ratio), 0, top).astype(np.uint8 if bits <= 8 else np.uint16)
+    return codes, scale
+
+
+def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0, sqrt: bool = False) -> Quantised:
+    """Every block's rows as ``bits``-bit codes: 32 keeps the float32 values; 16 and 8 code each row with scale =
+    max(row max / (2^bits - 1), ``floor``), code = round(value / scale) (error at most scale / 2; a ``floor`` above
+    zero coarsens rows whose values are all small, near-uniform attention, so that they compress better); ``sqrt``
+    (8 bits): scale = row max / 255^2, code = round(sqrt(value / scale)). At 8 bits the prefix tokens' rows are
+    stored again as 16-bit linear codes (see `Quantised`)."""
+    codes, scales, wide, wide_scales = [], [], [], []
     for b in blocks:
         lengths = b.row_lengths()
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        rowmax = np.maximum.reduceat(b.values, starts, axis=1)  # [H, N]
-        scale = np.maximum(rowmax / top, floor).astype(np.float32)
-        scale[scale <= 0] = 1.0  # an all-zero row: codes 0
-        per = np.repeat(scale, lengths, axis=1)
-        codes.append(np.clip(np.rint(b.values / per), 0, top).astype(dtype).reshape(-1))
-        scales.append(scale.reshape(-1))
-    return Quantised(bits, floor, np.concatenate(codes) if codes else np.zeros(0, dtype),
-                     np.concatenate(scales) if scales else np.zeros(0, np.float32))
+        if bits == 32:
+            codes.append(b.values.astype(np.float32).reshape(-1))
+            scales.append(np.ones(b.heads * b.tokens, np.float32))
+            continue
+        c, sc = _codes(b.values, lengths, bits, floor, sqrt and bits == 8)
+        codes.append(c.reshape(-1))
+        scales.append(sc.reshape(-1))
+        if bits == 8 and b.prefix:
+            end = int(lengths[:b.prefix].sum())
+            c16, sc16 = _codes(b.values[:, :end], lengths[:b.prefix], 16, 0.0)
+            wide.append(c16.reshape(-1))
+            wide_scales.append(sc16.reshape(-1))
+    dtype = {32: np.float32, 16: np.uint16}.get(bits, np.uint8)
+    q = Quantised(bits, floor, sqrt and bits == 8, np.concatenate(codes) if codes else np.zeros(0, dtype),
+                  np.concatenate(scales) if scales else np.zeros(0, np.float32),
+                  np.concatenate(wide) if wide else np.zeros(0, np.uint16),
+                  np.concatenate(wide_scales) if wide_scales else np.zeros(0, np.float32))
+    errors = [float(np.abs(v - b.values).max(initial=0.0)) for v, b in zip(dequantise(q, blocks), blocks)]
+    q.max_error = max(errors, default=0.0)
+    return q
 
 
 def dequantise(q: Quantised, blocks: list[BlockAttention]) -> list[np.ndarray]:
     """Per block, the stored values [H, E] that the page reads back (float64)."""
-    out, c, s = [], 0, 0
+    out, c, s, w, ws = [], 0, 0, 0, 0
     for b in blocks:
         h, e = b.values.shape
         n = b.tokens
-        per = np.repeat(q.scales[s:s + h * n].reshape(h, n).astype(np.float64), b.row_lengths(), axis=1)
-        out.append(q.codes[c:c + h * e].reshape(h, e).astype(np.float64) * per)
+        lengths = b.row_lengths()
+        per = np.repeat(q.scales[s:s + h * n].reshape(h, n).astype(np.float64), lengths, axis=1)
+        codes = q.codes[c:c + h * e].reshape(h, e).astype(np.float64)
+        values = (codes * codes if q.sqrt else codes) * per
+        if q.bits == 8 and b.prefix:
+            end = int(lengths[:b.prefix].sum())
+            per = np.repeat(q.wide_scales[ws:ws + h * b.prefix].reshape(h, b.prefix).astype(np.float64),
+                            lengths[:b.prefix], axis=1)
+            values[:, :end] = q.wide[w:w + h * end].reshape(h, end).astype(np.float64) * per
+            w += h * end
+            ws += h * b.prefix
+        out.append(values)
         c += h * e
         s += h * n
     return out
 
 
-# (bits, floor) tried in order until the report fits its size budget: 16-bit codes, 8-bit codes, then 8-bit codes
-# whose step never falls below 2^-16, 2^-15, ... (near-uniform rows, as in randomly initialised models, are what
-# make attention incompressible).
-ENCODINGS: tuple[tuple[int, float], ...] = ((16, 0.0), (8, 0.0), *((8, 2.0 ** -e) for e in range(16, 7, -1)))
+# (bits, floor, sqrt) tried in order until the report fits its size budget: the float32 values themselves (the
+# page's rollout is then the library's, at every fusion and discard ratio), 16-bit codes, 8-bit square-root codes
+# (peaked rows, as trained models have), 8-bit linear codes, then 8-bit linear codes whose step never falls below
+# 2^-16, 2^-15.5, ..., 2^-8 (near-uniform rows, as in randomly initialised models, are what make attention
+# incompressible).
+ENCODINGS: tuple[tuple[int, float, bool], ...] = ((32, 0.0, False), (16, 0.0, False), (8, 0.0, True), (8, 0.0, False),
+                                                  *((8, 2.0 ** (-e / 2), False) for e in range(32, 15, -1)))

@@ -123,8 +123,8 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
     fixed = _fixed_segments(got, computed, classes, base)
     page, q = "", None
     rest = 0
-    for i, (bits, floor) in enumerate(ENCODINGS):
-        q = quantise(got.blocks, bits, floor)
+    for i, (bits, floor, sqrt) in enumerate(ENCODINGS):
+        q = quantise(got.blocks, bits, floor, sqrt)
         last = i == len(ENCODINGS) - 1
         if max_bytes is not None and rest and not last and rest + _estimate(q.codes) > 1.1 * max_bytes:
             continue  # clearly too large: skip rendering it
@@ -135,7 +135,7 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
     assert q is not None
     size = len(page.encode("utf-8"))
     info: dict[str, Any] = {"model": base["model"], "blocks": len(got.blocks), "heads": [b.heads for b in got.blocks],
-            "bits": q.bits, "floor": q.floor, "max_error": q.max_error, "bytes": size,
+            "bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "max_error": q.max_error, "bytes": size,
             "methods": names, "classes": classes}
     if max_bytes is not None and size > max_bytes:
         notes.append(f"note: the report is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB asked for, "
@@ -200,8 +200,9 @@ def _estimate(codes: np.ndarray, chunks: int = 32, chunk: int = 1 << 15) -> int:
 
 
 def _page(base: dict, fixed: list[tuple[str, np.ndarray]], q: Quantised) -> str:
-    table, blob = pack([("codes", q.codes), ("scales", q.scales), *fixed])
-    data = dict(base, attention={"bits": q.bits, "floor": q.floor, "maxError": q.max_error},
+    table, blob = pack([("codes", q.codes), ("scales", q.scales), ("wide", q.wide), ("wideScales", q.wide_scales),
+                        *fixed])
+    data = dict(base, attention={"bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "maxError": q.max_error},
                 segments=table, blob=blob)
     return render(f"vitlens report: {base['title']}", data)
 

@@ -26,10 +26,10 @@
   }
 
   // ---- the model's attention ------------------------------------------------------------------------------------
-  let SEG = {}, BLOCKS = [], CODES = null, SCALES = null;
+  let SEG = {}, BLOCKS = [], CODES = null, SCALES = null, WIDE = null, WIDE_SCALES = null;
 
   function prepareBlocks() {
-    let codeOff = 0, scaleOff = 0;
+    let codeOff = 0, scaleOff = 0, wideOff = 0, wideScaleOff = 0;
     return DATA.blocks.map((b, i) => {
       const st = DATA.stages[b.stage];
       const n = st.prefix + st.grid[0] * st.grid[1];
@@ -47,12 +47,27 @@
         rowStart[t + 1] = rowStart[t] + mem[t].length;
       }
       const E = rowStart[n];
+      // 8-bit storage keeps the prefix tokens' rows (CLS, registers) again as 16-bit codes: read those instead
+      const wide = DATA.attention.bits === 8 && st.prefix > 0;
       const blk = { index: i, stage: b.stage, heads: b.heads, n, prefix: st.prefix, grid: st.grid, groups, mem,
-        rowStart, E, codeOff, scaleOff, windows: b.windows, window: b.window, shift: b.shift };
+        rowStart, E, codeOff, scaleOff, wide, wideOff, wideScaleOff, prefixE: rowStart[st.prefix],
+        windows: b.windows, window: b.window, shift: b.shift };
       codeOff += b.heads * E;
       scaleOff += b.heads * n;
+      if (wide) { wideOff += b.heads * blk.prefixE; wideScaleOff += b.heads * st.prefix; }
       return blk;
     });
+  }
+
+  // Where head h's row of token t is stored: [codes, index of its first entry, scale, squared] (value = code * scale,
+  // or code * code * scale for square-root codes).
+  function rowSource(blk, h, t) {
+    if (blk.wide && t < blk.prefix) {
+      const first = blk.wideOff + h * blk.prefixE + blk.rowStart[t];
+      return [WIDE, first, WIDE_SCALES[blk.wideScaleOff + h * blk.prefix + t], false];
+    }
+    const first = blk.codeOff + h * blk.E + blk.rowStart[t];
+    return [CODES, first, SCALES[blk.scaleOff + h * blk.n + t], DATA.attention.sqrt];
   }
 
   // Row of token t in block blk for head h (or "mean"), dense over the block's n tokens.
@@ -61,9 +76,8 @@
     const m = blk.mem[t], e0 = blk.rowStart[t];
     const heads = head === "mean" ? [...Array(blk.heads).keys()] : [head];
     for (const h of heads) {
-      const s = SCALES[blk.scaleOff + h * blk.n + t];
-      const base = blk.codeOff + h * blk.E + e0;
-      for (let k = 0; k < m.length; k++) out[m[k]] += CODES[base + k] * s;
+      const [codes, base, s, squared] = rowSource(blk, h, t);
+      for (let k = 0; k < m.length; k++) out[m[k]] += (squared ? codes[base + k] * codes[base + k] : codes[base + k]) * s;
     }
     if (head === "mean") for (let j = 0; j < blk.n; j++) out[j] /= blk.heads;
     return out;
@@ -74,10 +88,10 @@
     const out = new Float64Array(blk.E);
     for (let h = 0; h < blk.heads; h++) {
       for (let t = 0; t < blk.n; t++) {
-        const s = SCALES[blk.scaleOff + h * blk.n + t];
-        const base = blk.codeOff + h * blk.E;
+        const [codes, first, s, squared] = rowSource(blk, h, t);
+        const base = first - blk.rowStart[t];
         for (let e = blk.rowStart[t]; e < blk.rowStart[t + 1]; e++) {
-          const v = CODES[base + e] * s;
+          const v = (squared ? codes[base + e] * codes[base + e] : codes[base + e]) * s;
           if (h === 0 || fusion === "mean") out[e] = h === 0 ? v : out[e] + v;
           else if (fusion === "max") { if (v > out[e]) out[e] = v; }
           else if (v < out[e]) out[e] = v;
@@ -483,13 +497,15 @@
     const att = DATA.attention;
     const heads = [...new Set(DATA.blocks.map((b) => b.heads))].join("/");
     $("subtitle").textContent = DATA.model + ": " + DATA.blocks.length + " blocks, " + heads + " heads" +
-      (DATA.stages.length > 1 ? ", " + DATA.stages.length + " stages" : "") + "; attention stored as " + att.bits +
-      "-bit codes per row (each value within " +
-      (att.maxError < 1e-3 ? att.maxError.toExponential(1) : att.maxError.toPrecision(2)) + ")";
+      (DATA.stages.length > 1 ? ", " + DATA.stages.length + " stages" : "") + "; attention stored " +
+      (att.bits === 32 ? "as the model's float32 values (exact)" : "as " + att.bits + "-bit " +
+        (att.sqrt ? "square-root " : "") + "codes per row" +
+        (att.bits === 8 ? " (16-bit for the CLS and other prefix rows)" : "") + " (each value within " +
+        (att.maxError < 1e-3 ? att.maxError.toExponential(1) : att.maxError.toPrecision(2)) + ")");
     for (const n of DATA.notes) { const li = document.createElement("li"); li.textContent = n; $("notes").appendChild(li); }
     const buffer = await inflate(fromBase64(DATA.blob));
     for (const s of DATA.segments) SEG[s.name] = new TYPES[s.dtype](buffer, s.offset, s.length);
-    CODES = SEG.codes; SCALES = SEG.scales;
+    CODES = SEG.codes; SCALES = SEG.scales; WIDE = SEG.wide; WIDE_SCALES = SEG.wideScales;
     BLOCKS = prepareBlocks();
     IMG = new Image();
     IMG.src = DATA.image.src;
