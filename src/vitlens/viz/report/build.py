@@ -76,12 +76,13 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
            method_options: dict[str, dict[str, Any]] | None = None) -> Report:
     """An interactive page for ``image`` under ``model`` (a `VitModel`, a module vitlens wraps, or a spec).
 
-    The page holds the image, every block's attention for every head (8- or 16-bit codes per row), the top-``top_k``
-    classes and, for each of them, the maps of the class-specific ``methods`` (registered names; default: grad
-    rollout when the model has a head) and LIME when ``lime``. Rollout (any head fusion and discard ratio) and each
-    patch's attention are computed in the page. ``max_bytes`` bounds the page: the attention is stored with the
-    finest encoding that fits (16-bit, 8-bit, then 8-bit with a coarser floor on each row's step), recorded in
-    ``info``. ``method_options`` gives options per method name (e.g. ``{"lime": {"num_samples": 500}}``).
+    The page holds the image, every block's attention for every head (float32, or 16- or 8-bit codes per row), the
+    top-``top_k`` classes and, for each of them, the maps of the class-specific ``methods`` (registered names;
+    default: grad rollout when the model has a head) and LIME when ``lime``. Rollout (any head fusion and discard
+    ratio) and each patch's attention are computed in the page. ``max_bytes`` bounds the page: the attention is
+    stored with the finest encoding that fits (`ENCODINGS`: float32, 16-bit, 8-bit square-root, 8-bit linear, then
+    8-bit linear with a coarser floor on each row's step), recorded in ``info``. ``method_options`` gives options per
+    method name (e.g. ``{"lime": {"num_samples": 500}}``).
     """
     from vitlens.images import load_image
     from vitlens.models.loading import load_model
