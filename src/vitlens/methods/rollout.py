@@ -37,15 +37,19 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
 
 def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero the floor(ratio * N^2) lowest entries of each [N, N] matrix, except entry [0, 0] (as vit-explain); equal
-    values are cut in row-major order (a stable sort), so the result does not depend on the sorting kernel, and the
-    explorer page cuts them the same way."""
+    values at the cut-off are cut in row-major order, so the result does not depend on a selection kernel's order,
+    and the explorer page cuts them the same way."""
     b, n, _ = a.shape
     k = math.floor(ratio * n * n)
     if k == 0:
         return a
     flat = a.reshape(b, n * n)
-    idx = torch.sort(flat, dim=-1, stable=True).indices[:, :k]
-    out = flat.scatter(1, idx, 0.0)
+    cut = flat.kthvalue(k, dim=-1, keepdim=True).values  # the k-th lowest value
+    drop = flat <= cut
+    if bool((drop.sum(-1) > k).any()):  # values equal to the cut-off on both sides of it: the first ones go
+        tied = flat == cut
+        drop &= ~tied | (tied.cumsum(-1) <= k - (flat < cut).sum(-1, keepdim=True))
+    out = flat.masked_fill(drop, 0.0)
     out[:, 0] = flat[:, 0]  # entry [0, 0] is never discarded
     return out.view(b, n, n)
 
