@@ -69,15 +69,15 @@ def test_positive_part_equals_the_sum_of_positive_terms_even_where_it_cancels():
     b[2] = 1e6
     out = torch.nn.functional.linear(x, w, b)
     w_split = torch.cat([w.clamp(min=0), w.clamp(max=0)], 1)
-    z = positive_part(x, out, b, w_split, w.abs())
+    z = positive_part(x, out, b, w_split, w.abs() / 2)
     want = (w[None] * x[:, None]).clamp(min=0).sum(-1)
     assert (z[:, 0] == 0).all()
     torch.testing.assert_close(z, want, rtol=1e-5, atol=0)
     # stabilised: Z+ + 1e-9, and +inf where Z+ is 0 (dividing by it is Chefer's safe_divide)
-    stab = positive_part(x, out, b, w_split, w.abs(), 1e-9)
+    stab = positive_part(x, out, b, w_split, w.abs() / 2, 1e-9)
     torch.testing.assert_close(stab, torch.where(want == 0, torch.inf, want + 1e-9), rtol=1e-5, atol=0)
     zero = torch.zeros(1, 5)  # |W| |x| = 0 and no bias: Z+ = 0 is found, not divided by 1e-9
-    assert torch.isinf(positive_part(zero, torch.nn.functional.linear(zero, w), None, w_split, w.abs(), 1e-9)).all()
+    assert torch.isinf(positive_part(zero, torch.nn.functional.linear(zero, w), None, w_split, w.abs() / 2, 1e-9)).all()
 
 
 def test_chefer_add_rule_by_hand():

@@ -161,12 +161,12 @@ class LRPMode(TorchFunctionMode):
             cached = self._abs.get(id(w))
             if cached is None or cached[0] != tag:  # new or changed weight: (re)compute, dropping the stale copy
                 wd = w.detach()
-                cached = self._abs[id(w)] = (tag, torch.cat([wd.clamp(min=0), wd.clamp(max=0)], 1), wd.abs(),
-                                             torch.cat([wd, wd.abs()], 1).mul_(0.5))
-            w_split, w_abs, w_half = cached[1], cached[2], cached[3]  # [W+ | W-], |W|, [W | |W|] / 2
+                cached = self._abs[id(w)] = (tag, torch.cat([wd.clamp(min=0), wd.clamp(max=0)], 1),
+                                             wd.abs().mul_(0.5), torch.cat([wd, wd.abs()], 1).mul_(0.5))
+            w_split, w_abs_half, w_half = cached[1], cached[2], cached[3]  # [W+ | W-], |W| / 2, [W | |W|] / 2
 
             def z_plus(g: torch.Tensor) -> tuple:
-                s = (out * g).div_(positive_part(x, out, bias, w_split, w_abs, TINY))
+                s = (out * g).div_(positive_part(x, out, bias, w_split, w_abs_half, TINY))
                 # s W+ where x > 0, s W- where x < 0 (x = 0 carries no relevance): (s W + sign(x) s |W|) / 2, from
                 # one product; a multiply-add, where torch.where over the two halves costs up to half the product
                 t = s @ w_half
@@ -217,21 +217,21 @@ CANCELLATION = 1e-2
 
 
 def positive_part(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, w_split: torch.Tensor,
-                  w_abs: torch.Tensor, stabiliser: float = 0.0) -> torch.Tensor:
+                  w_abs_half: torch.Tensor, stabiliser: float = 0.0) -> torch.Tensor:
     """Z+_k = sum_j (w_kj x_j)^+ = W+ x+ + W- x- of a linear layer, from its forward output ``out`` = W x + b; plus
     ``stabiliser``, and +inf where Z+ is exactly 0 when ``stabiliser`` > 0, so that dividing by the result is
-    Chefer's safe_divide (a / (Z+ + 1e-9), 0 where Z+ is 0).
+    Chefer's safe_divide (a / (Z+ + 1e-9), 0 where Z+ is 0). ``w_abs_half`` is |W| / 2.
 
-    One matrix product instead of two: Z+ = (W x + |W| |x|) / 2, with W x = out - b taken from the forward pass.
-    That difference cancels where Z+ is small against |W| |x|, so every row (token) with an output at or below
+    One matrix product instead of two: Z+ = (W x + |W| |x|) / 2 = |W|/2 |x| - b/2 + out/2 (the bias folded into the
+    product). That sum cancels where Z+ is small against |W| |x|, so every row (token) with an output at or below
     `CANCELLATION` of |W| |x| + |b| is recomputed exactly as W+ x+ + W- x- (every term >= 0: Z+ is then exactly 0
     when no contribution is positive). Elsewhere Z+ > 0, so only the recomputed rows can hold a zero."""
     xd, wx = x.detach(), out.detach()
-    magnitude = torch.nn.functional.linear(xd.abs(), w_abs)  # |W| |x|
-    z = (wx - bias.detach() if bias is not None else wx).add_(magnitude).mul_(0.5)
-    if bias is not None:
-        magnitude.add_(bias.detach().abs())
-    rows = (z <= magnitude.mul_(CANCELLATION)).reshape(-1, z.shape[-1]).any(-1)
+    b = bias.detach() if bias is not None else None
+    z = torch.nn.functional.linear(xd.abs(), w_abs_half, None if b is None else b * -0.5).add_(wx, alpha=0.5)
+    # z <= C (|W| |x| + |b|) with |W| |x| = 2 z - W x = 2 z - out + b: (1 - 2C) / C z + out <= b + |b|
+    test = torch.add(wx, z, alpha=(1 - 2 * CANCELLATION) / CANCELLATION)
+    rows = (test <= (2 * b.clamp(min=0) if b is not None else 0.0)).reshape(-1, z.shape[-1]).any(-1)
     if stabiliser:
         z.add_(stabiliser)
     if bool(rows.any()):
