@@ -1,7 +1,7 @@
 """Our perturbation test (`vitlens.eval.metrics.Deletion`, the machinery of every perturbation curve) against
 Quantus's `PixelFlipping` on the same model, inputs, maps and steps, in the same process.
 
-Usage: ``python bench/bench_eval.py [--images 64] [--steps 8] [--repeats 3]``
+Usage: ``python bench/bench_eval.py [--images 64] [--steps 8] [--repeats 3] [--forward-batch 64]``
 
 Model: the embedded `vitlens:scenes-vit` (64 px, 8x8 patches). Inputs: the first held-out scenes; maps: grad rollout
 for the predicted class (computed once, outside the timings); target: the predicted class. Both remove patches in
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--forward-batch", type=int, default=64, help="images per forward in vitlens (Quantus: --images)")
     args = ap.parse_args()
     model = vitlens.load_model("vitlens:scenes-vit")
     samples = scene_samples(model, args.images)
@@ -73,7 +74,7 @@ def main() -> None:
 
     def ours() -> torch.Tensor:
         batch = Batch(model, x, target, maps, clean)
-        metric = Deletion(steps=args.steps, baseline="zero", forward_batch=512)
+        metric = Deletion(steps=args.steps, baseline="zero", forward_batch=args.forward_batch)
         metric(batch)
         logits = batch.removal_logits(metric.specs(n), "zero")  # cached: the forwards ran inside metric(batch)
         return logits[1:].gather(-1, target[None, :, None].expand(args.steps, -1, 1))[..., 0].T

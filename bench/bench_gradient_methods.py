@@ -1,6 +1,6 @@
 """Time of the class-specific gradient methods as a ratio to a plain forward + backward of the same model, on the CPU.
 
-Usage: ``python bench/bench_gradient_methods.py [--quick] [--repeats 3] [--warmup 1]``
+Usage: ``python bench/bench_gradient_methods.py [--quick] [--models a,b] [--batches 1,8] [--repeats 3] [--warmup 1]``
 
 Baseline: the timm model as is (fused attention on), a forward pass, then the gradient of the target logits with
 respect to the input (``torch.autograd.grad``), measured in the same process. Variants run in interleaved rounds (the
@@ -105,15 +105,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: deit-tiny, batch 1, one round")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3; 2 for ViT-B batch 8)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names (default: both)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     args = ap.parse_args()
-    cases = [(MODELS[0], 1)] if args.quick else [(n, b) for n in MODELS for b in (1, 8)]
+    batches = [int(b) for b in args.batches.split(",")]
+    cases = [(MODELS[0], 1)] if args.quick else [(n, b) for n in args.models.split(",") for b in batches]
     print("bench_gradient_methods:", _env.describe())
     print("CPU only; the machine is shared, so times are noisy. 'ratio' = median over rounds of variant / baseline")
     print("(forward + input gradient of the plain timm model, fused attention) in the same round.")
     results = {}
     for name, b in cases:
         heavy = name == MODELS[1] and b == 8
-        repeats = 1 if args.quick else (min(args.repeats, 2) if heavy else args.repeats)
+        repeats = 1 if args.quick else (min(args.repeats, 2) if heavy and args.repeats == 3 else args.repeats)
         results[(name, b)] = bench_case(name, b, 0 if args.quick else args.warmup, repeats)
     print(f"\nSummary (targets: every method <= {TARGET}x forward+backward; LeGrad and GAE <= {TARGET}x GradRollout)")
     for (name, b), r in results.items():

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from vitlens.cli.common import echo_notes, load, model_options
 from vitlens.cli.outputs import write_all
 from vitlens.errors import VitlensError
+from vitlens.eval.removal import FORWARD_BATCH
 
 CSV_NAME = "scores.csv"
 TABLE_NAME = "table.md"
@@ -49,7 +50,7 @@ def _names(text: str | None, known: list[str], what: str) -> list[str] | None:
               help="Explain the predicted class, each ground-truth class, or both.")
 @click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=16, show_default=True,
               help="Images per batch (one CSV append each).")
-@click.option("--forward-batch", type=click.IntRange(min=1, max=65536), default=256, show_default=True,
+@click.option("--forward-batch", type=click.IntRange(min=1, max=65536), default=FORWARD_BATCH, show_default=True,
               help="Perturbed images per forward pass.")
 @click.option("--sanity-blocks", type=click.IntRange(min=1), default=None,
               help="Blocks re-initialised from the top for the sanity test [default: all].")

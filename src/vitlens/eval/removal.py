@@ -18,7 +18,7 @@ from vitlens.errors import VitlensError
 
 BASELINES = ("zero", "mean", "blur", "drop")
 BLUR_SIGMA = 5.0  # pixels; RISE blurs its insertion canvas with a kernel of this order
-FORWARD_BATCH = 256
+FORWARD_BATCH = 64  # perturbed images per forward: on the CPU 64 ran 1.4x faster than 256-512 (cache-sized activations)
 
 
 def check_baseline(baseline: str) -> str:
