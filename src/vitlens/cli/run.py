@@ -57,7 +57,7 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
     """Explain every image of --data with every method into the store --out (resumable: run it again to finish)."""
     from vitlens.scale.job import Job
     from vitlens.scale.listing import list_items
-    from vitlens.scale.store import LOCK, SETTINGS, StoreWriter
+    from vitlens.scale.store import StoreWriter, check_store_folder
 
     given = pop_options(options)
     names = method_names(methods)
@@ -69,34 +69,28 @@ def run(model_spec: str, weights: str | None, timm_kwargs: str | None, image_siz
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
             raise VitlensError(f"--out {out}: {parent} is a file, not a folder")
-    if folder.is_dir() and any(p.name != LOCK for p in folder.iterdir()) and not (folder / SETTINGS).is_file():
-        raise VitlensError(f"--out {out} is a folder that holds other files, not a vitlens run store; give a new or "
-                           "empty folder")
+    check_store_folder(folder)  # before the model loads
     items = list_items(data, n, exclude=folder)
     kwargs = parse_timm_kwargs(timm_kwargs)
     job = Job(model_spec, tuple(names), given, weights, kwargs, image_size, device, target, top_k)
     # the driver checks the job and records its settings; with Ray the actors load the model on their own devices
     explainer, notes = job.build(device="cpu" if engine == "ray" else None)
     echo_notes(notes)
-    created, fresh = not folder.exists(), not (folder / SETTINGS).is_file()
-    store = StoreWriter(folder, job.settings(data, explainer))
-    try:
-        if store.next:
-            click.echo(f"resuming {folder}: {len(store.done())} images already done", err=True)
-        if engine == "ray":
-            from vitlens.scale.ray_engine import run_ray
+    with StoreWriter(folder, job.settings(data, explainer)) as store:
+        try:
+            if store.next:
+                click.echo(f"resuming {folder}: {len(store.done())} images already done", err=True)
+            if engine == "ray":
+                from vitlens.scale.ray_engine import run_ray
 
-            summary = run_ray(job, items, store, batch_size=batch_size, workers=workers, address=ray_address)
-        else:
-            from vitlens.scale.local import run_local
+                summary = run_ray(job, items, store, batch_size=batch_size, workers=workers, address=ray_address)
+            else:
+                from vitlens.scale.local import run_local
 
-            summary = run_local(explainer, items, store, batch_size=batch_size, workers=workers)
-    except BaseException:
-        if fresh and not store.part_names():  # nothing committed: leave no half-made store behind
-            store.discard(folder, created)
-        store.close()
-        raise
-    store.close()
+                summary = run_local(explainer, items, store, batch_size=batch_size, workers=workers)
+        except BaseException:
+            store.abandon()  # nothing committed: leave no half-made store behind
+            raise
     done = summary.explained + summary.errors
     click.echo(f"explained {summary.explained} images with {', '.join(m.name for m in explainer.methods)} "
                f"({summary.maps} maps) in {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s"

@@ -228,30 +228,29 @@ class StoreWriter(Store):
         settings = {"format": FORMAT, **json.loads(json.dumps(settings))}
         if path.exists() and not path.is_dir():
             raise VitlensError(f"--out {path} is a file; give a folder (new, or a store of the same run to resume)")
-        if not (path / SETTINGS).is_file() and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
-            raise VitlensError(f"--out {path} is a folder that holds other files, not a vitlens run store; give "
-                               "a new or empty folder")
-        created, fresh = not path.exists(), not (path / SETTINGS).is_file()
+        check_store_folder(path)
+        self._created, self._fresh = not path.exists(), not (path / SETTINGS).is_file()
         self.path = path
         self._lock = _lock(path)
         try:
             self._open(path, settings)
         except BaseException:
-            if fresh:
-                self.discard(path, created)
+            self.abandon()
             self.close()
             raise
 
-    def discard(self, path: Path, created: bool) -> None:
-        """Delete a store this writer created (while it holds the lock): the folder when ``created``, else what it
-        added to the empty folder."""
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
+    def abandon(self) -> None:
+        """Delete the store when this writer started it and nothing was committed (while it holds the lock): the
+        folder when the writer created it, else what it added to the empty folder. A resumed store is kept."""
+        if not self._fresh or self.part_names():
+            return
+        if self._created:
+            shutil.rmtree(self.path, ignore_errors=True)
             return
         for name in (PARTS, MAPS):
-            shutil.rmtree(path / name, ignore_errors=True)
+            shutil.rmtree(self.path / name, ignore_errors=True)
         for name in (SETTINGS, LOCK):
-            (path / name).unlink(missing_ok=True)
+            (self.path / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Release the store (its lock)."""
@@ -355,6 +354,13 @@ class StoreWriter(Store):
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise VitlensError(f"cannot write {final}: {e.strerror or e}") from None
+
+
+def check_store_folder(path: Path) -> None:
+    """Refuse, in one line, a folder that holds files but no store (a store's own lock file does not count)."""
+    if path.is_dir() and not (path / SETTINGS).is_file() and any(p.name != LOCK for p in path.iterdir()):
+        raise VitlensError(f"--out {path} is a folder that holds other files, not a vitlens run store; give a new or "
+                           "empty folder")
 
 
 def _lock(path: Path) -> int | None:
