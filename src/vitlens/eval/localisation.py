@@ -25,16 +25,20 @@ def mask_cover(masks: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> torch
     return torch.nn.functional.adaptive_avg_pool2d(m.float()[:, None], grid)[:, 0]
 
 
+def _covered(maps: torch.Tensor, masks: torch.Tensor | np.ndarray, min_cover: float) -> torch.Tensor:
+    """bool [B, gh * gw]: the cells of the maps' grid that each matching mask covers at least ``min_cover``."""
+    if maps.ndim != 3 or len(maps) != len(masks):
+        raise VitlensError(f"maps must be [B, gh, gw] with one mask each, got {tuple(maps.shape)} and {len(masks)}")
+    return mask_cover(masks, (maps.shape[1], maps.shape[2])).to(maps.device).flatten(1) >= min_cover
+
+
 def max_in_mask(maps: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray,
                 min_cover: float = DEFAULT_MIN_COVER) -> torch.Tensor:
     """bool [B]: whether the cell holding each map's maximum (the first one on ties) is covered at least
     `min_cover` by the matching mask. maps [B, gh, gw] on the model's token grid, masks bool [B, H, W]."""
     maps = torch.as_tensor(maps)
-    if maps.ndim != 3 or len(maps) != len(masks):
-        raise VitlensError(f"maps must be [B, gh, gw] with one mask each, got {tuple(maps.shape)} and {len(masks)}")
-    cover = mask_cover(masks, (maps.shape[1], maps.shape[2])).to(maps.device)
-    top = maps.flatten(1).argmax(1)
-    return cover.flatten(1).gather(1, top[:, None])[:, 0] >= min_cover
+    cover = _covered(maps, masks, min_cover)
+    return cover.gather(1, maps.flatten(1).argmax(1)[:, None])[:, 0]
 
 
 TIE_RTOL = 1e-6
@@ -47,9 +51,7 @@ def pointing_hits(maps: torch.Tensor, masks: torch.Tensor | np.ndarray,
     is `max_in_mask`; with ties (attention flow saturates many tokens at the readout's capacity, a centred Gaussian on
     an even grid has four maxima) no cell wins by its position in the grid."""
     maps = torch.as_tensor(maps).float()
-    if maps.ndim != 3 or len(maps) != len(masks):
-        raise VitlensError(f"maps must be [B, gh, gw] with one mask each, got {tuple(maps.shape)} and {len(masks)}")
-    cover = mask_cover(masks, (maps.shape[1], maps.shape[2])).to(maps.device).flatten(1) >= min_cover
+    cover = _covered(maps, masks, min_cover)
     flat = maps.flatten(1)
     top = flat.amax(1, keepdim=True)
     tied = flat >= top - TIE_RTOL * top.abs()
