@@ -106,8 +106,7 @@ class Quantised:
     code^2 * scale: square-root codes, finer for the small values that carry much of a peaked row's mass. At 8 bits
     the prefix tokens' rows (CLS, distillation, registers) are also stored as 16-bit linear codes (``wide``,
     ``wide_scales``), which the page reads in their place: a ViT's readout row weighs on the rollout at every depth
-    as much as all its other rows together, so its precision is what the maps need most. ``max_error``: the largest
-    difference between a stored value and the captured one (measured)."""
+    as much as all its other rows together, so its precision is what the maps need most."""
 
     bits: int
     floor: float
@@ -116,7 +115,6 @@ class Quantised:
     scales: np.ndarray  # float32, one per (block, head, token)
     wide: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))  # prefix rows, 8-bit storage only
     wide_scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # one per (block, head, prefix)
-    max_error: float = 0.0
 
 
 def _codes(values: np.ndarray, lengths: np.ndarray, bits: int, floor: float,
@@ -155,13 +153,17 @@ def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0, sqrt: 
             wide.append(c16.reshape(-1))
             wide_scales.append(sc16.reshape(-1))
     dtype = {32: np.float32, 16: np.uint16}.get(bits, np.uint8)
-    q = Quantised(bits, floor, sqrt and bits == 8, np.concatenate(codes) if codes else np.zeros(0, dtype),
-                  np.concatenate(scales) if scales else np.zeros(0, np.float32),
-                  np.concatenate(wide) if wide else np.zeros(0, np.uint16),
-                  np.concatenate(wide_scales) if wide_scales else np.zeros(0, np.float32))
-    errors = [float(np.abs(v - b.values).max(initial=0.0)) for v, b in zip(dequantise(q, blocks), blocks)]
-    q.max_error = max(errors, default=0.0)
-    return q
+    return Quantised(bits, floor, sqrt and bits == 8, np.concatenate(codes) if codes else np.zeros(0, dtype),
+                     np.concatenate(scales) if scales else np.zeros(0, np.float32),
+                     np.concatenate(wide) if wide else np.zeros(0, np.uint16),
+                     np.concatenate(wide_scales) if wide_scales else np.zeros(0, np.float32))
+
+
+def max_error(q: Quantised, blocks: list[BlockAttention]) -> float:
+    """The largest difference between a value the page reads back and the captured one (measured; only for an
+    encoding that is rendered, not for every one tried)."""
+    return max((float(np.abs(v - b.values).max(initial=0.0)) for v, b in zip(dequantise(q, blocks), blocks)),
+               default=0.0)
 
 
 def dequantise(q: Quantised, blocks: list[BlockAttention]) -> list[np.ndarray]:

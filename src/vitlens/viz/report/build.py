@@ -24,6 +24,7 @@ from vitlens.viz.report.attention import (
     Quantised,
     capture,
     dequantise,
+    max_error,
     quantise,
 )
 from vitlens.viz.report.maps import MethodMaps, check_method_names, method_maps, quantise_map
@@ -122,21 +123,22 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
         "notes": [n.removeprefix("note: ") for n in notes],
     }
     fixed = _fixed_segments(got, computed, classes, base)
-    page, q = "", None
+    page, q, error = "", None, 0.0
     rest = 0
     for i, (bits, floor, sqrt) in enumerate(ENCODINGS):
         q = quantise(got.blocks, bits, floor, sqrt)
         last = i == len(ENCODINGS) - 1
         if max_bytes is not None and rest and not last and rest + _estimate(q.codes) > 1.1 * max_bytes:
             continue  # clearly too large: skip rendering it
-        page = _page(base, fixed, q)
+        error = max_error(q, got.blocks)
+        page = _page(base, fixed, q, error)
         rest = len(page.encode("utf-8")) - _estimate(q.codes)
         if max_bytes is None or len(page.encode("utf-8")) <= max_bytes:
             break
     assert q is not None
     size = len(page.encode("utf-8"))
     info: dict[str, Any] = {"model": base["model"], "blocks": len(got.blocks), "heads": [b.heads for b in got.blocks],
-            "bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "max_error": q.max_error, "bytes": size,
+            "bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "max_error": error, "bytes": size,
             "methods": names, "classes": classes}
     if max_bytes is not None and size > max_bytes:
         notes.append(f"note: the report is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB asked for, "
@@ -200,10 +202,10 @@ def _estimate(codes: np.ndarray, chunks: int = 32, chunk: int = 1 << 15) -> int:
     return int(len(zlib.compress(sample, 6)) * len(data) / len(sample) * 4 / 3)
 
 
-def _page(base: dict, fixed: list[tuple[str, np.ndarray]], q: Quantised) -> str:
+def _page(base: dict, fixed: list[tuple[str, np.ndarray]], q: Quantised, error: float) -> str:
     table, blob = pack([("codes", q.codes), ("scales", q.scales), ("wide", q.wide), ("wideScales", q.wide_scales),
                         *fixed])
-    data = dict(base, attention={"bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "maxError": q.max_error},
+    data = dict(base, attention={"bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "maxError": error},
                 segments=table, blob=blob)
     return render(f"vitlens report: {base['title']}", data)
 
