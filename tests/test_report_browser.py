@@ -117,7 +117,7 @@ def test_click_a_patch_shows_its_attention_row_for_any_block_and_head(vit, vit_p
         token = 1 + r * gw + c
         rows = probs[block][:, token, 1:]  # [H, patches]
         want = rows.mean(0) if head == "mean" else rows[int(head)]
-        # 16-bit codes per row: every value within the stored bound
+        # the float32 values themselves: max_error is 0
         assert np.abs(shown - want.reshape(gh, gw).numpy()).max() <= rep.info["max_error"] + 1e-7
         _click_patch(page, r, c, (gh, gw))  # click again: the patch is let go
     page.click("#query-cls")

@@ -48,5 +48,7 @@ def report(image: str, model_spec: str, weights: str | None, timm_kwargs: str | 
     echo_notes(notes + page.notes)
     written = write_all([(dest, lambda tmp: tmp.write_text(page.html, encoding="utf-8"))], paths)[0]
     info = page.info
-    click.echo(f"wrote {written} ({info['bytes'] / 1e6:.2f} MB; attention as {info['bits']}-bit codes per row, "
-               f"each value within {info['max_error']:.1e})")
+    stored = "as the model's float32 values" if info["bits"] == 32 else \
+        f"as {info['bits']}-bit {'square-root ' if info['sqrt'] else ''}codes per row, each value within " \
+        f"{info['max_error']:.1e}"
+    click.echo(f"wrote {written} ({info['bytes'] / 1e6:.2f} MB; attention {stored})")
