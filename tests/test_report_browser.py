@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 
 import factories
+from test_report import stored_rollout
 from test_swin import hf_swin
-from vitlens.explanation import max_normalize
 from vitlens.methods import GradRollout, Rollout
-from vitlens.methods.rollout import RolloutAccumulator, fuse_heads
 from vitlens.models.loading import load_model
 from vitlens.viz.report import report
 
@@ -126,16 +125,6 @@ def test_click_a_patch_shows_its_attention_row_for_any_block_and_head(vit, vit_p
     _no_network(page)
 
 
-def stored_rollout(model, rep, fusion, discard):
-    """The library's rollout (its accumulator: fusion, discard_lowest, residual, products, readout) of the attention
-    the page holds, after every block."""
-    plan = model.stage_plan(tuple(model.preprocess.size))
-    acc = RolloutAccumulator(plan, 0, discard, 0.5, True, True)
-    for i, a in enumerate(rep.stored_attention()):
-        acc.add(i, fuse_heads(a[None], fusion))
-    return max_normalize(torch.stack(acc.depth_maps, 1)[0]).numpy()
-
-
 def test_block_slider_shows_the_library_rollout_after_each_block(vit, vit_page):
     model, x, rep, _, _ = vit
     page = vit_page
@@ -220,7 +209,8 @@ def test_8_bit_pages_read_cls_rows_at_16_bits_and_roll_out_within_bounds(browser
             assert np.abs(got - want.flatten(1).numpy()).max() < 2e-3, fusion
         for fusion, discard in [("mean", 0.5), ("max", 0.9)]:  # 8 bits: the library on the attention the page holds
             got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', {discard})"))
-            assert np.abs(got - stored_rollout(model, rep, fusion, discard).reshape(got.shape)).max() < 1e-9
+            want = stored_rollout(model, stored, fusion, discard).reshape(got.shape)
+            assert np.abs(got - want).max() < 1e-9
         _no_network(page)
         page.close()
 
@@ -256,7 +246,7 @@ def test_swin_patch_rows_per_stage_windows_and_rollout(browser, tmp_path):
         assert np.abs(got - want.flatten(1).numpy()).max() < 1e-3, fusion
     for fusion, discard in [("mean", 0.5), ("max", 0.97), ("min", 0.995)]:  # 0.97: window entries discarded
         got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', {discard})"))
-        want = stored_rollout(model, rep, fusion, discard).reshape(got.shape)
+        want = stored_rollout(model, rep.stored_attention(), fusion, discard).reshape(got.shape)
         assert np.abs(got - want).max() < 1e-3, (fusion, discard)
     page.check("#view-rollout")
     page.fill("#block", "5")
