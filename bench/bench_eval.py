@@ -24,6 +24,7 @@ import _env  # noqa: F401  (makes transformers importable here, pins threads)
 import vitlens
 from vitlens.eval.data import scene_samples
 from vitlens.eval.metrics import Batch, Deletion
+from vitlens.eval.removal import FORWARD_BATCH
 from vitlens.methods import GradRollout
 
 
@@ -55,7 +56,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--forward-batch", type=int, default=64, help="images per forward in vitlens (Quantus: --images)")
+    ap.add_argument("--forward-batch", type=int, default=FORWARD_BATCH,
+                    help="images per forward in vitlens (default: the library's; Quantus: --images)")
     args = ap.parse_args()
     model = vitlens.load_model("vitlens:scenes-vit")
     samples = scene_samples(model, args.images)
