@@ -1,6 +1,7 @@
 """Time of `TransformerAttribution` and `AttnLRP` as a ratio to a plain forward + backward of the same model (CPU).
 
-Usage: ``python bench/bench_lrp.py [--quick] [--models a,b] [--repeats 5] [--warmup 1] [--min-seconds 6]``
+Usage: ``python bench/bench_lrp.py [--quick] [--models a,b] [--batches 1,8] [--repeats 5] [--warmup 1]
+[--min-seconds 6]``
 
 The baseline is the timm model as is (fused attention, parameters requiring grad) computing its logits and
 ``logits[:, target].sum().backward()``, measured in the same process. Variants run in interleaved rounds whose order
@@ -113,9 +114,11 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=6.0, help="keep adding rounds (up to 25) until this much time")
     ap.add_argument("--flops", action="store_true", help="count FLOPs instead of timing (load-independent)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names (default: both)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     args = ap.parse_args()
     chosen = tuple(args.models.split(","))
-    models, batches = (chosen[:1], (1,)) if args.quick else (chosen, (1, 8))
+    sizes = tuple(int(b) for b in args.batches.split(","))
+    models, batches = (chosen[:1], (1,)) if args.quick else (chosen, sizes)
     warmup, repeats, min_s = (1, 1, 0.0) if args.quick else (args.warmup, args.repeats, args.min_seconds)
     print("bench_lrp:", _env.describe())
     if args.flops:

@@ -80,6 +80,40 @@ def test_positive_part_equals_the_sum_of_positive_terms_even_where_it_cancels():
     assert torch.isinf(positive_part(zero, torch.nn.functional.linear(zero, w), None, w_split, w.abs() / 2, 1e-9)).all()
 
 
+def test_live_rows_finds_rows_with_any_non_zero_value():
+    from vitlens.methods.lrp_rules import live_rows
+
+    g = torch.zeros(2, 4, 3)
+    g[0, 0] = torch.tensor([1.0, 2.0, 3.0])
+    g[1, 2] = torch.tensor([0.0, 0.0, -1e-30])  # first value 0, yet live
+    assert live_rows(g).tolist() == [0, 6]
+    assert live_rows(torch.ones(2, 4, 3)) is None  # dense: no pruning
+    dense = torch.ones(2, 4, 3)
+    dense[0, :, 0] = 0  # first values 0 but every row live
+    assert live_rows(dense) is None
+
+
+def test_alpha1_beta0_rule_on_sparse_rows_equals_the_dense_rule(monkeypatch):
+    """A gradient that is zero on most rows (the last block under a CLS readout) takes the pruned path; forcing the
+    dense path gives the same relevance."""
+    import vitlens.methods.lrp_rules as rules
+
+    torch.manual_seed(1)
+    w, b, x = torch.randn(5, 4), torch.randn(5), torch.randn(3, 6, 4)
+    start = torch.zeros(3, 6, 5)
+    start[:, 0] = torch.randn(3, 5)
+    start[2, 4] = torch.randn(5)
+    calls = []
+    real = rules._z_plus_rows
+    monkeypatch.setattr(rules, "_z_plus_rows", lambda g, *a: calls.append(g.numel() // g.shape[-1]) or real(g, *a))
+    (sparse,), _ = _relevance(CHEFER, lambda v: torch.nn.functional.linear(v, w, b), x, start=start)
+    monkeypatch.setattr(rules, "SPARSE_ROWS", 2.0)
+    (dense,), _ = _relevance(CHEFER, lambda v: torch.nn.functional.linear(v, w, b), x, start=start)
+    assert calls == [4, 18]  # 4 live rows of 18, then all of them
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=0)
+    assert (sparse[:, 1:4] == 0).all() and sparse[:, 0].abs().sum() > 0
+
+
 def test_chefer_add_rule_by_hand():
     # z = a + b = (4, 1), R_z = (2, 5): z-rule R_a = (0.5, 10) (sum 10.5), R_b = (1.5, -5) (sum -3.5), total 7;
     # shares |10.5| : |-3.5| = 3 : 1 -> R_a scaled to sum 5.25, R_b to sum 1.75
@@ -106,13 +140,19 @@ def _tiny(seed: int = 0, biases: bool = True):
 
 
 @pytest.mark.parametrize("start_layer", [0, 1])
-def test_transformer_attribution_equals_explicit_oracle(start_layer):
+def test_transformer_attribution_equals_explicit_oracle(start_layer, monkeypatch):
+    import vitlens.methods.lrp_rules as rules
+
+    pruned = []  # the last block's MLP and projection see the CLS rows alone: their pruned rule is checked too
+    real = rules.live_rows
+    monkeypatch.setattr(rules, "live_rows", lambda g: pruned.append(r := real(g)) or r)
     module, x = _tiny()
     exp = TransformerAttribution(vitlens.wrap(module), start_layer=start_layer).explain(x, target=[0, 3, 4])
     for b, t in enumerate([0, 3, 4]):
         want = lrp_oracle.chefer_map(module, x[b], t, start_layer).float()
         torch.testing.assert_close(exp.maps[b], want, rtol=2e-4, atol=1e-5 * float(want.abs().max()))
     assert exp.maps.shape == (3, 2, 2) and exp.maps.dtype == torch.float32
+    assert [r.tolist() for r in pruned if r is not None] == [[0, 5, 10]] * 3  # fc2, fc1, proj: CLS of 3 images
 
 
 def test_attnlrp_pixels_equal_explicit_oracle():
