@@ -149,17 +149,51 @@ def test_vit_b16_report_fits_five_megabytes_and_holds_the_attention():
         assert np.abs(got - want).max() < bound, fusion
 
 
-def test_budget_picks_the_finest_encoding_that_fits():
+def test_budget_picks_the_finest_width_that_fits_then_the_closest_rollout(monkeypatch):
+    from vitlens.viz.report import build
+    from vitlens.viz.report.attention import Encoding
+
     torch.manual_seed(0)
     model = load_model(factories.hf_vit())
     small = report(CAT, model, methods=[], top_k=1)
     assert small.info["bits"] == 32 and small.info["max_error"] == 0.0  # tiny: the float32 values themselves
-    tight = report(CAT, model, methods=[], top_k=1, max_bytes=small.nbytes - 1)
-    assert tight.info["bits"] == 16 and tight.nbytes <= small.nbytes - 1
-    tight = report(CAT, model, methods=[], top_k=1, max_bytes=tight.nbytes - 1)
-    assert tight.info["bits"] == 8 and tight.nbytes <= small.nbytes - 1
+    assert set(small.info["rollout_error"].values()) == {0.0}
+    alone = {}  # each 16-bit coding on its own
+    for enc in (Encoding(16, relative=True), Encoding(16)):
+        with monkeypatch.context() as m:
+            m.setattr(build, "ENCODINGS", (enc,))
+            alone[enc.name] = report(CAT, model, methods=[], top_k=1, max_bytes=None)
+    budget = max(r.nbytes for r in alone.values()) + build.ERRORS_RESERVE
+    tight = report(CAT, model, methods=[], top_k=1, max_bytes=budget)
+    assert tight.info["bits"] == 16 and tight.nbytes <= budget
+    worst = {name: max(r.info["rollout_error"].values()) for name, r in alone.items()}
+    assert tight.info["encoding"] == min(worst, key=worst.get)  # both fit: the closer rollout
+    assert tight.info["rollout_error"] == alone[tight.info["encoding"]].info["rollout_error"]
+    smaller = min(alone.values(), key=lambda r: r.nbytes)
+    one = report(CAT, model, methods=[], top_k=1, max_bytes=smaller.nbytes + build.ERRORS_RESERVE)
+    if smaller.nbytes < max(r.nbytes for r in alone.values()):  # only the smaller one fits
+        assert one.info["encoding"] == smaller.info["encoding"]
+    eight = report(CAT, model, methods=[], top_k=1, max_bytes=smaller.nbytes - 1)
+    assert eight.info["bits"] == 8 and eight.nbytes <= smaller.nbytes - 1
     too_small = report(CAT, model, methods=[], top_k=1, max_bytes=1000)
     assert too_small.info["floor"] == 2.0 ** -8 and any("over the" in n for n in too_small.notes)
+
+
+def test_relative_codes_by_hand():
+    from vitlens.viz.report.attention import RELATIVE_VALUES, relative_codes
+
+    # 1 = 2^0 (1 + 0): e = 31, m = 0; 0.5: e = 30; 0.2 = 2^-3 (1 + 0.6): m = round(0.6 * 2048) = 1229
+    codes = relative_codes(np.array([1.0, 0.5, 0.2, 0.0, 2.0 ** -33]))
+    assert codes.tolist() == [31 * 2048, 30 * 2048, 28 * 2048 + 1229, 0, 0]
+    assert RELATIVE_VALUES[codes].tolist() == [1.0, 0.5, 0.125 * (1 + 1229 / 2048), 0.0, 0.0]
+    assert relative_codes(np.array([1 - 2.0 ** -14])).tolist() == [31 * 2048]  # rounds up across the octave
+    ratio = np.random.default_rng(0).random(10_000) ** 6
+    back = RELATIVE_VALUES[relative_codes(ratio)]
+    assert (np.abs(back - ratio) <= 2.0 ** -12 * ratio + 2.0 ** -31).all()  # below 2^-31 of the maximum: 0
+    b = BlockAttention(0, (1, 2), 0, np.zeros(2, np.int32), np.array([[0.5, 0.1, 0.1, 0.0]], np.float32))
+    q = quantise([b], 16, relative=True)
+    assert q.relative and np.allclose(q.scales, [0.5, 0.1]) and q.codes.tolist() == [63488, 58573, 63488, 0]
+    assert np.allclose(dequantise(q, [b])[0], [[0.5, 0.5 * RELATIVE_VALUES[58573], 0.1, 0.0]], rtol=1e-7, atol=0)
 
 
 def test_labels_title_and_json_are_escaped():

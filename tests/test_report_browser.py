@@ -22,7 +22,9 @@ from test_report import stored_rollout
 from test_swin import hf_swin
 from vitlens.methods import GradRollout, Rollout
 from vitlens.models.loading import load_model
-from vitlens.viz.report import report
+from vitlens.viz.report import build, report
+from vitlens.viz.report.attention import Encoding
+from vitlens.viz.report.precision import CHECKS
 
 CHROMIUM = next((p for p in (os.environ.get("VITLENS_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"))
                  if p and os.path.exists(p)), None)
@@ -180,39 +182,44 @@ def test_display_controls_screenshot_and_png(vit_page):
     _no_network(page)
 
 
-def test_8_bit_pages_read_cls_rows_at_16_bits_and_roll_out_within_bounds(browser, vit, tmp_path):
+@pytest.mark.parametrize("enc", [Encoding(16, relative=True), Encoding(16), Encoding(8, sqrt=True),
+                                 Encoding(8, 2.0 ** -12)], ids=lambda e: e.name)
+def test_coded_pages_read_their_codes_and_roll_out_as_the_library_on_them(browser, vit, tmp_path, monkeypatch, enc):
+    """Each coding read back by the page: rows equal the stored values, which are within the coding's bound of the
+    model's; the page's rollout is the library's on the stored attention, and the report's measured rollout error
+    is the distance of that rollout to the library's on the model."""
     model, x, _, _, probs = vit
-    full = report(CAT, model, methods=[], top_k=1)
-    sixteen = report(CAT, model, methods=[], top_k=1, max_bytes=full.nbytes - 1)
-    root = report(CAT, model, methods=[], top_k=1, max_bytes=sixteen.nbytes - 1)
-    linear = report(CAT, model, methods=[], top_k=1, max_bytes=root.nbytes - 1)
-    assert sixteen.info["bits"] == 16
-    assert (root.info["bits"], root.info["sqrt"], root.info["floor"]) == (8, True, 0.0)
-    assert (linear.info["bits"], linear.info["sqrt"]) == (8, False)  # linear codes (with a floor, here)
+    monkeypatch.setattr(build, "ENCODINGS", (enc,))
+    rep = report(CAT, model, methods=[], top_k=1, max_bytes=None)
+    assert rep.info["encoding"] == enc.name and rep.info["bits"] == enc.bits
     gh, gw = model.layout((32, 32)).grid
-    for rep in (root, linear):
-        page = _open(browser, rep.save(tmp_path / f"vit8-{rep.info['sqrt']}.html"))
-        stored = rep.stored_attention()
-        page.check("#view-attention")
-        page.fill("#block", "1")
-        page.select_option("#head", "2")
-        page.click("#query-cls")  # the CLS row: from the 16-bit codes
-        _, shown = _current(page)
-        np.testing.assert_allclose(shown.reshape(-1), stored[1][2, 0, 1:].numpy(), rtol=0, atol=1e-12)
-        assert np.abs(shown.reshape(-1) - probs[1][2, 0, 1:].numpy()).max() <= 0.5 / 65535 + 1e-7
-        _click_patch(page, 1, 2, (gh, gw))  # a patch's row: 8-bit codes
-        _, shown = _current(page)
-        np.testing.assert_allclose(shown.reshape(-1), stored[1][2, 1 + gw + 2, 1:].numpy(), rtol=0, atol=1e-12)
-        for fusion in ("mean", "max", "min"):
-            got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', 0)"))
-            want = Rollout(model, head_fusion=fusion, per_layer=True).explain(x).extras["per_layer"][0]
-            assert np.abs(got - want.flatten(1).numpy()).max() < 2e-3, fusion
-        for fusion, discard in [("mean", 0.5), ("max", 0.9)]:  # 8 bits: the library on the attention the page holds
-            got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', {discard})"))
-            want = stored_rollout(model, stored, fusion, discard).reshape(got.shape)
-            assert np.abs(got - want).max() < 1e-9
-        _no_network(page)
-        page.close()
+    page = _open(browser, rep.save(tmp_path / "coded.html"))
+    stored = rep.stored_attention()
+    page.check("#view-attention")
+    page.fill("#block", "1")
+    page.select_option("#head", "2")
+    page.click("#query-cls")  # the CLS row: 16-bit codes at every width
+    _, shown = _current(page)
+    np.testing.assert_allclose(shown.reshape(-1), stored[1][2, 0, 1:].numpy(), rtol=0, atol=1e-12)
+    cls = probs[1][2, 0].numpy().astype(np.float64)
+    err = np.abs(shown.reshape(-1) - cls[1:])
+    if enc.relative:
+        assert (err <= 2.0 ** -12 * cls[1:] + 2.0 ** -31 * cls.max() + 1e-12).all()
+    else:
+        assert err.max() <= 0.5 / 65535 * cls.max() + 1e-7
+    _click_patch(page, 1, 2, (gh, gw))  # a patch's row
+    _, shown = _current(page)
+    np.testing.assert_allclose(shown.reshape(-1), stored[1][2, 1 + gw + 2, 1:].numpy(), rtol=0, atol=1e-12)
+    for fusion, discard in CHECKS:
+        got = np.array(page.evaluate(f"vitlensReport.rollout('{fusion}', {discard})"))
+        want = stored_rollout(model, stored, fusion, discard).reshape(got.shape)
+        assert np.abs(got - want).max() < 1e-9
+        lib = Rollout(model, head_fusion=fusion, discard_ratio=discard, per_layer=True).explain(x)
+        measured = np.abs(want - lib.extras["per_layer"][0].flatten(1).numpy()).max()
+        assert measured == pytest.approx(rep.info["rollout_error"][f"{fusion}/{discard:g}"], abs=1e-6)
+    assert "rollout within" in page.text_content("#subtitle")
+    _no_network(page)
+    page.close()
 
 
 def test_swin_patch_rows_per_stage_windows_and_rollout(browser, tmp_path):

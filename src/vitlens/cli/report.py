@@ -49,6 +49,8 @@ def report(image: str, model_spec: str, weights: str | None, timm_kwargs: str | 
     written = write_all([(dest, lambda tmp: tmp.write_text(page.html, encoding="utf-8"))], paths)[0]
     info = page.info
     stored = "as the model's float32 values" if info["bits"] == 32 else \
-        f"as {info['bits']}-bit {'square-root ' if info['sqrt'] else ''}codes per row, each value within " \
-        f"{info['max_error']:.1e}"
-    click.echo(f"wrote {written} ({info['bytes'] / 1e6:.2f} MB; attention {stored})")
+        f"as {info['encoding']} codes per row, each value within {info['max_error']:.1e}"
+    worst = max(info["rollout_error"], key=info["rollout_error"].get)
+    fusion, discard = worst.split("/")
+    click.echo(f"wrote {written} ({info['bytes'] / 1e6:.2f} MB; attention {stored}; rollout within "
+               f"{info['rollout_error'][worst]:.1e} of the library's, largest at {fusion} fusion, discard {discard})")

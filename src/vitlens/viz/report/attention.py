@@ -1,5 +1,5 @@
 """Every block's attention as the report embeds it: each token's row over the tokens it can attend to (all tokens in
-a ViT, its window in Swin), quantised per row to 8- or 16-bit codes with one scale per row."""
+a ViT, its window in Swin), as float32 values or quantised per row to 8- or 16-bit codes with one scale per row."""
 
 from __future__ import annotations
 
@@ -99,11 +99,51 @@ def capture(model: VitModel, x: torch.Tensor) -> CapturedAttention:
     return out
 
 
+# 16-bit relative codes: code = 2048 e + m (e < 32, m < 2048) stands for 2^(e - 31) (1 + m / 2048) times the row's
+# scale (its maximum), code 0 for 0: every value from 2^-31 of the row maximum up keeps 12 significant bits
+RELATIVE_VALUES = np.concatenate([[0.0], np.ldexp(1.0 + (np.arange(1, 65536) & 2047) / 2048.0,
+                                                  (np.arange(1, 65536) >> 11) - 31)])
+
+
+def relative_codes(ratio: np.ndarray) -> np.ndarray:
+    """16-bit relative codes (`RELATIVE_VALUES`) of ``ratio`` in [0, 1] (value / row maximum), rounded to the
+    nearest; below 2^-31 (and 0) code 0."""
+    f, ex = np.frexp(ratio)  # ratio = f 2^ex, f in [0.5, 1)
+    m = np.rint((2.0 * f - 1.0) * 2048.0).astype(np.int64)
+    e = ex.astype(np.int64) + 30 + (m == 2048)  # a mantissa that rounds up to 2 carries into the exponent
+    m[m == 2048] = 0
+    codes = np.clip(e, 0, 31) * 2048 + m
+    return np.where((ratio > 0) & (e >= 0), codes, 0).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the page stores attention: ``bits`` 32 (float32 values), 16 or 8 (codes per row); ``sqrt``: 8-bit
+    square-root codes; ``relative``: 16-bit relative codes (`RELATIVE_VALUES`); ``floor``: the least step of 8-bit
+    linear codes."""
+
+    bits: int
+    floor: float = 0.0
+    sqrt: bool = False
+    relative: bool = False
+
+    @property
+    def name(self) -> str:
+        """'float32', '16-bit relative', '8-bit square-root', '8-bit linear, step >= 2^-12.5', ..."""
+        if self.bits == 32:
+            return "float32"
+        kind = "relative" if self.relative else "square-root" if self.sqrt else "linear"
+        floor = f", step >= 2^{np.log2(self.floor):g}" if self.floor else ""
+        return f"{self.bits}-bit {kind}{floor}"
+
+
 @dataclass
 class Quantised:
     """Every block's attention as the page stores it. ``bits`` 32: the captured float32 values themselves (``codes``;
     ``scales`` all 1). 16 or 8: integer codes per row, value = code * scale, or with ``sqrt`` (8 bits only) value =
-    code^2 * scale: square-root codes, finer for the small values that carry much of a peaked row's mass. At 8 bits
+    code^2 * scale: square-root codes, finer for the small values that carry much of a peaked row's mass; with
+    ``relative`` (16 bits only) value = RELATIVE_VALUES[code] * scale, the scale being the row's maximum: 12
+    significant bits at every magnitude, which min fusion needs (its rollout is made of the smallest values). At 8 bits
     the prefix tokens' rows (CLS, distillation, registers) are also stored as 16-bit linear codes (``wide``,
     ``wide_scales``), which the page reads in their place: a ViT's readout row weighs on the rollout at every depth
     as much as all its other rows together, so its precision is what the maps need most."""
@@ -115,28 +155,38 @@ class Quantised:
     scales: np.ndarray  # float32, one per (block, head, token)
     wide: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))  # prefix rows, 8-bit storage only
     wide_scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # one per (block, head, prefix)
+    relative: bool = False
+
+    @property
+    def encoding(self) -> Encoding:
+        """The `Encoding` these codes were made with."""
+        return Encoding(self.bits, self.floor, self.sqrt, self.relative)
 
 
 def _codes(values: np.ndarray, lengths: np.ndarray, bits: int, floor: float,
-           sqrt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+           sqrt: bool = False, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-row codes of ``values`` [H, E] (rows of ``lengths``) and their scales [H, N]."""
     top = (1 << bits) - 1
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     rowmax = np.maximum.reduceat(values, starts, axis=1)  # [H, N]
-    scale = np.maximum(rowmax / (top * top if sqrt else top), floor).astype(np.float32)
+    scale = np.maximum(rowmax if relative else rowmax / (top * top if sqrt else top), floor).astype(np.float32)
     scale[scale <= 0] = 1.0  # an all-zero row: codes 0
     per = np.repeat(scale, lengths, axis=1).astype(np.float64)
     ratio = values / per
+    if relative:
+        return relative_codes(np.clip(ratio, 0.0, 1.0)), scale
     codes = np.clip(np.rint(np.sqrt(ratio) if sqrt else ratio), 0, top).astype(np.uint8 if bits <= 8 else np.uint16)
     return codes, scale
 
 
-def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0, sqrt: bool = False) -> Quantised:
+def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0, sqrt: bool = False,
+             relative: bool = False) -> Quantised:
     """Every block's rows as ``bits``-bit codes: 32 keeps the float32 values; 16 and 8 code each row with scale =
     max(row max / (2^bits - 1), ``floor``), code = round(value / scale) (error at most scale / 2; a ``floor`` above
     zero coarsens rows whose values are all small, near-uniform attention, so that they compress better); ``sqrt``
-    (8 bits): scale = row max / 255^2, code = round(sqrt(value / scale)). At 8 bits the prefix tokens' rows are
-    stored again as 16-bit linear codes (see `Quantised`)."""
+    (8 bits): scale = row max / 255^2, code = round(sqrt(value / scale)); ``relative`` (16 bits): scale = row max,
+    `relative_codes` (relative error at most 2^-12). At 8 bits the prefix tokens' rows are stored again as 16-bit
+    linear codes (see `Quantised`)."""
     codes, scales, wide, wide_scales = [], [], [], []
     for b in blocks:
         lengths = b.row_lengths()
@@ -144,7 +194,7 @@ def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0, sqrt: 
             codes.append(b.values.astype(np.float32).reshape(-1))
             scales.append(np.ones(b.heads * b.tokens, np.float32))
             continue
-        c, sc = _codes(b.values, lengths, bits, floor, sqrt and bits == 8)
+        c, sc = _codes(b.values, lengths, bits, floor, sqrt and bits == 8, relative and bits == 16)
         codes.append(c.reshape(-1))
         scales.append(sc.reshape(-1))
         if bits == 8 and b.prefix:
@@ -156,7 +206,7 @@ def quantise(blocks: list[BlockAttention], bits: int, floor: float = 0.0, sqrt: 
     return Quantised(bits, floor, sqrt and bits == 8, np.concatenate(codes) if codes else np.zeros(0, dtype),
                      np.concatenate(scales) if scales else np.zeros(0, np.float32),
                      np.concatenate(wide) if wide else np.zeros(0, np.uint16),
-                     np.concatenate(wide_scales) if wide_scales else np.zeros(0, np.float32))
+                     np.concatenate(wide_scales) if wide_scales else np.zeros(0, np.float32), relative and bits == 16)
 
 
 def max_error(q: Quantised, blocks: list[BlockAttention]) -> float:
@@ -175,6 +225,8 @@ def dequantise(q: Quantised, blocks: list[BlockAttention]) -> list[np.ndarray]:
         lengths = b.row_lengths()
         per = np.repeat(q.scales[s:s + h * n].reshape(h, n).astype(np.float64), lengths, axis=1)
         codes = q.codes[c:c + h * e].reshape(h, e).astype(np.float64)
+        if q.relative:
+            codes = RELATIVE_VALUES[q.codes[c:c + h * e].reshape(h, e)]
         values = (codes * codes if q.sqrt else codes) * per
         if q.bits == 8 and b.prefix:
             end = int(lengths[:b.prefix].sum())
@@ -189,10 +241,11 @@ def dequantise(q: Quantised, blocks: list[BlockAttention]) -> list[np.ndarray]:
     return out
 
 
-# (bits, floor, sqrt) tried in order until the report fits its size budget: the float32 values themselves (the
-# page's rollout is then the library's, at every fusion and discard ratio), 16-bit codes, 8-bit square-root codes
-# (peaked rows, as trained models have), 8-bit linear codes, then 8-bit linear codes whose step never falls below
-# 2^-16, 2^-15.5, ..., 2^-8 (near-uniform rows, as in randomly initialised models, are what make attention
-# incompressible).
-ENCODINGS: tuple[tuple[int, float, bool], ...] = ((32, 0.0, False), (16, 0.0, False), (8, 0.0, True), (8, 0.0, False),
-                                                  *((8, 2.0 ** (-e / 2), False) for e in range(32, 15, -1)))
+# Tried in order until the report fits its size budget: the float32 values themselves (the page's rollout is then the
+# library's, at every fusion and discard ratio), 16-bit relative then linear codes (the report keeps whichever of
+# the two that fit gives the page a rollout closer to the library's: relative codes hold small values, which min
+# fusion needs; linear ones hold near-uniform rows, which discarding needs), 8-bit square-root codes (peaked rows,
+# as trained models have), 8-bit linear codes, then 8-bit linear codes whose step never falls below 2^-16, 2^-15.5,
+# ..., 2^-8 (near-uniform rows, as in randomly initialised models, are what make attention incompressible).
+ENCODINGS: tuple[Encoding, ...] = (Encoding(32), Encoding(16, relative=True), Encoding(16), Encoding(8, sqrt=True),
+                                   Encoding(8), *(Encoding(8, 2.0 ** (-e / 2)) for e in range(32, 15, -1)))

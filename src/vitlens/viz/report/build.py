@@ -29,9 +29,11 @@ from vitlens.viz.report.attention import (
 )
 from vitlens.viz.report.maps import MethodMaps, check_method_names, method_maps, quantise_map
 from vitlens.viz.report.page import pack, render
+from vitlens.viz.report.precision import RolloutCheck
 
 COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "gray")
 MAX_BYTES = 5_000_000
+ERRORS_RESERVE = 400  # bytes kept free for the measured rollout errors, added to the page once an encoding is chosen
 IMAGE_PNG_LIMIT = 400_000  # a larger PNG view is embedded as JPEG instead
 
 
@@ -81,9 +83,11 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
     top-``top_k`` classes and, for each of them, the maps of the class-specific ``methods`` (registered names;
     default: grad rollout when the model has a head) and LIME when ``lime``. Rollout (any head fusion and discard
     ratio) and each patch's attention are computed in the page. ``max_bytes`` bounds the page: the attention is
-    stored with the finest encoding that fits (`ENCODINGS`: float32, 16-bit, 8-bit square-root, 8-bit linear, then
-    8-bit linear with a coarser floor on each row's step), recorded in ``info``. ``method_options`` gives options per
-    method name (e.g. ``{"lime": {"num_samples": 500}}``).
+    stored with the finest width that fits (`ENCODINGS`: float32, 16-bit relative or linear, 8-bit square-root or
+    linear, then 8-bit linear with a coarser floor on each row's step) and, among the encodings of that width that
+    fit, the one whose rollout is closest to the library's; ``info`` records it, each value's largest error
+    (``max_error``) and the rollout's (``rollout_error``, per head fusion and discard ratio of `CHECKS`).
+    ``method_options`` gives options per method name (e.g. ``{"lime": {"num_samples": 500}}``).
     """
     from vitlens.images import load_image
     from vitlens.models.loading import load_model
@@ -123,23 +127,33 @@ def report(image: str | Path | Image.Image, model: Any, methods: Sequence[str] |
         "notes": [n.removeprefix("note: ") for n in notes],
     }
     fixed = _fixed_segments(got, computed, classes, base)
-    page, q, error = "", None, 0.0
-    rest = 0
-    for i, (bits, floor, sqrt) in enumerate(ENCODINGS):
-        q = quantise(got.blocks, bits, floor, sqrt)
+    fits: list[tuple[Quantised, float]] = []  # the encodings of the finest width that fits, with their value errors
+    q, error, rest = None, 0.0, 0
+    for i, enc in enumerate(ENCODINGS):
+        if fits and (enc.bits != fits[0][0].bits or enc.floor):
+            break
+        q = quantise(got.blocks, enc.bits, enc.floor, enc.sqrt, enc.relative)
         last = i == len(ENCODINGS) - 1
         if max_bytes is not None and rest and not last and rest + _estimate(q.codes) > 1.1 * max_bytes:
             continue  # clearly too large: skip rendering it
         error = max_error(q, got.blocks)
-        page = _page(base, fixed, q, error)
-        rest = len(page.encode("utf-8")) - _estimate(q.codes)
-        if max_bytes is None or len(page.encode("utf-8")) <= max_bytes:
+        size = len(_page(base, fixed, q, error).encode("utf-8"))
+        rest = size - _estimate(q.codes)
+        if max_bytes is None:  # no budget: the finest
+            fits.append((q, error))
             break
+        if size + ERRORS_RESERVE <= max_bytes:
+            fits.append((q, error))
     assert q is not None
+    # among the encodings of that width, the one whose rollout is closest to the library's (worst over CHECKS)
+    check = RolloutCheck(plan, got.blocks)
+    scored = [(check.error(dequantise(c, got.blocks)), c, e) for c, e in (fits or [(q, error)])]
+    errors, q, error = min(scored, key=lambda s: max(s[0].values()))
+    page = _page(base, fixed, q, error, errors)
     size = len(page.encode("utf-8"))
     info: dict[str, Any] = {"model": base["model"], "blocks": len(got.blocks), "heads": [b.heads for b in got.blocks],
-            "bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "max_error": error, "bytes": size,
-            "methods": names, "classes": classes}
+            "bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "relative": q.relative, "encoding": q.encoding.name,
+            "max_error": error, "rollout_error": errors, "bytes": size, "methods": names, "classes": classes}
     if max_bytes is not None and size > max_bytes:
         notes.append(f"note: the report is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB asked for, "
                      "even with the coarsest attention encoding")
@@ -202,10 +216,12 @@ def _estimate(codes: np.ndarray, chunks: int = 32, chunk: int = 1 << 15) -> int:
     return int(len(zlib.compress(sample, 6)) * len(data) / len(sample) * 4 / 3)
 
 
-def _page(base: dict, fixed: list[tuple[str, np.ndarray]], q: Quantised, error: float) -> str:
+def _page(base: dict, fixed: list[tuple[str, np.ndarray]], q: Quantised, error: float,
+          rollout_error: dict[str, float] | None = None) -> str:
     table, blob = pack([("codes", q.codes), ("scales", q.scales), ("wide", q.wide), ("wideScales", q.wide_scales),
                         *fixed])
-    data = dict(base, attention={"bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "maxError": error},
+    data = dict(base, attention={"bits": q.bits, "floor": q.floor, "sqrt": q.sqrt, "relative": q.relative,
+                                 "maxError": error, "rolloutError": rollout_error or {}},
                 segments=table, blob=blob)
     return render(f"vitlens report: {base['title']}", data)
 

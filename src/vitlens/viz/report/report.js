@@ -59,15 +59,21 @@
     });
   }
 
-  // Where head h's row of token t is stored: [codes, index of its first entry, scale, squared] (value = code * scale,
-  // or code * code * scale for square-root codes).
+  // 16-bit relative codes: code 2048 e + m stands for 2^(e - 31) (1 + m / 2048) times the row's scale, 0 for 0
+  // (vitlens.viz.report.attention.RELATIVE_VALUES)
+  const RELATIVE = new Float64Array(65536);
+  for (let c = 1; c < 65536; c++) RELATIVE[c] = Math.pow(2, (c >> 11) - 31) * (1 + (c & 2047) / 2048);
+
+  // Where head h's row of token t is stored: [codes, index of its first entry, scale, table]: value = code * scale,
+  // or table[code] * scale when table is given (square-root and relative codes).
+  let VALUE_TABLE = null;
   function rowSource(blk, h, t) {
     if (blk.wide && t < blk.prefix) {
       const first = blk.wideOff + h * blk.prefixE + blk.rowStart[t];
-      return [WIDE, first, WIDE_SCALES[blk.wideScaleOff + h * blk.prefix + t], false];
+      return [WIDE, first, WIDE_SCALES[blk.wideScaleOff + h * blk.prefix + t], null];
     }
     const first = blk.codeOff + h * blk.E + blk.rowStart[t];
-    return [CODES, first, SCALES[blk.scaleOff + h * blk.n + t], DATA.attention.sqrt];
+    return [CODES, first, SCALES[blk.scaleOff + h * blk.n + t], VALUE_TABLE];
   }
 
   // Row of token t in block blk for head h (or "mean"), dense over the block's n tokens.
@@ -76,8 +82,8 @@
     const m = blk.mem[t], e0 = blk.rowStart[t];
     const heads = head === "mean" ? [...Array(blk.heads).keys()] : [head];
     for (const h of heads) {
-      const [codes, base, s, squared] = rowSource(blk, h, t);
-      for (let k = 0; k < m.length; k++) out[m[k]] += (squared ? codes[base + k] * codes[base + k] : codes[base + k]) * s;
+      const [codes, base, s, table] = rowSource(blk, h, t);
+      for (let k = 0; k < m.length; k++) out[m[k]] += (table ? table[codes[base + k]] : codes[base + k]) * s;
     }
     if (head === "mean") for (let j = 0; j < blk.n; j++) out[j] /= blk.heads;
     return out;
@@ -88,10 +94,10 @@
     const out = new Float64Array(blk.E);
     for (let h = 0; h < blk.heads; h++) {
       for (let t = 0; t < blk.n; t++) {
-        const [codes, first, s, squared] = rowSource(blk, h, t);
+        const [codes, first, s, table] = rowSource(blk, h, t);
         const base = first - blk.rowStart[t];
         for (let e = blk.rowStart[t]; e < blk.rowStart[t + 1]; e++) {
-          const v = (squared ? codes[base + e] * codes[base + e] : codes[base + e]) * s;
+          const v = (table ? table[codes[base + e]] : codes[base + e]) * s;
           if (h === 0 || fusion === "mean") out[e] = h === 0 ? v : out[e] + v;
           else if (fusion === "max") { if (v > out[e]) out[e] = v; }
           else if (v < out[e]) out[e] = v;
@@ -491,6 +497,19 @@
     setTimeout(() => URL.revokeObjectURL(a.href), 5000);
   }
 
+  function number(x) { return x === 0 ? "0" : x < 1e-3 ? x.toExponential(1) : x.toPrecision(2); }
+
+  // "; rollout within 2e-5 of the library's (largest at min fusion, discard 0)", from the measured errors
+  function rolloutText(errors) {
+    const keys = Object.keys(errors || {});
+    if (!keys.length) return "";
+    const worst = keys.reduce((a, b) => (errors[b] > errors[a] ? b : a));
+    if (errors[worst] === 0) return "; rollout equal to the library's";
+    const [fusion, discard] = worst.split("/");
+    return "; rollout within " + number(errors[worst]) + " of the library's (largest at " + fusion +
+      " fusion, discard " + discard + ")";
+  }
+
   // ---- start ----------------------------------------------------------------------------------------------------
   async function start() {
     $("title").textContent = DATA.title;
@@ -499,13 +518,15 @@
     $("subtitle").textContent = DATA.model + ": " + DATA.blocks.length + " blocks, " + heads + " heads" +
       (DATA.stages.length > 1 ? ", " + DATA.stages.length + " stages" : "") + "; attention stored " +
       (att.bits === 32 ? "as the model's float32 values (exact)" : "as " + att.bits + "-bit " +
-        (att.sqrt ? "square-root " : "") + "codes per row" +
+        (att.sqrt ? "square-root " : att.relative ? "relative " : "") + "codes per row" +
         (att.bits === 8 ? " (16-bit for the CLS and other prefix rows)" : "") + " (each value within " +
-        (att.maxError < 1e-3 ? att.maxError.toExponential(1) : att.maxError.toPrecision(2)) + ")");
+        number(att.maxError) + ")") + rolloutText(att.rolloutError);
     for (const n of DATA.notes) { const li = document.createElement("li"); li.textContent = n; $("notes").appendChild(li); }
     const buffer = await inflate(fromBase64(DATA.blob));
     for (const s of DATA.segments) SEG[s.name] = new TYPES[s.dtype](buffer, s.offset, s.length);
     CODES = SEG.codes; SCALES = SEG.scales; WIDE = SEG.wide; WIDE_SCALES = SEG.wideScales;
+    if (att.relative) VALUE_TABLE = RELATIVE;
+    else if (att.sqrt) VALUE_TABLE = Float64Array.from({ length: 256 }, (_, c) => c * c);
     BLOCKS = prepareBlocks();
     IMG = new Image();
     IMG.src = DATA.image.src;
