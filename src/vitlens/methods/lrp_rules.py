@@ -199,14 +199,12 @@ class LRPMode(TorchFunctionMode):
 
         def rescale(g: torch.Tensor) -> tuple:
             g2 = g.reshape(len(g), -1, 1)
-            ra = torch.bmm(a.reshape(len(a), 1, -1), g2).view(-1)  # sum of a * g per sample, without a * g
-            rb = torch.bmm(b.reshape(len(b), 1, -1), g2).view(-1)
-            total = ra + rb
-            share = ra.abs() + rb.abs()
-            fa = _safe_div(_safe_div(ra.abs(), share) * total, ra)
-            fb = _safe_div(_safe_div(rb.abs(), share) * total, rb)
+            # [2, B]: the sums of a * g and of b * g per sample (dot products, without a * g); then both factors at once
+            r = torch.stack([torch.bmm(t.reshape(len(t), 1, -1), g2) for t in (a, b)]).view(2, -1)
+            size = r.abs()
+            f = _safe_div(_safe_div(size, size.sum(0)) * r.sum(0), r)
             shape = (-1,) + (1,) * (g.ndim - 1)
-            return None, (g * fa.view(shape), g * fb.view(shape))
+            return None, (g * f[0].view(shape), g * f[1].view(shape))
 
         return self._wrap(rescale, out, a, b)
 
@@ -261,15 +259,22 @@ def positive_part(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
     when no contribution is positive). Elsewhere Z+ > 0, so only the recomputed rows can hold a zero."""
     xd, wx = x.detach(), out.detach()
     b = bias.detach() if bias is not None else None
-    z = torch.nn.functional.linear(xd.abs(), w_abs_half, None if b is None else b * -0.5).add_(wx, alpha=0.5)
-    # z <= C (|W| |x| + |b|) with |W| |x| = 2 z - W x = 2 z - out + b: (1 - 2C) / C z + out - (b + |b|) <= 0; one
-    # minimum over all values first (comparing and reducing per row costs five times as much, and rows rarely need it)
-    test = torch.add(wx, z, alpha=(1 - 2 * CANCELLATION) / CANCELLATION)
+    k = (1 - 2 * CANCELLATION) / CANCELLATION
+    shift = None  # -b / 2 + stabiliser, added inside the product
     if b is not None:
-        test.sub_(b.clamp(min=0), alpha=2.0)
+        shift = b * -0.5 + stabiliser
+    elif stabiliser:
+        shift = wx.new_full((wx.shape[-1],), stabiliser)
+    z = torch.nn.functional.linear(xd.abs(), w_abs_half, shift).add_(wx, alpha=0.5)
+    # z <= C (|W| |x| + |b|) with |W| |x| = 2 z - W x = 2 z - out + b: (1 - 2C) / C z + out - (b + |b|) <= 0 (z here
+    # without the stabiliser); one minimum over all values first (comparing and reducing per row costs five times as
+    # much, and rows rarely need it)
+    test = torch.add(wx, z, alpha=k)
+    if b is not None:
+        test.sub_(b.clamp(min=0).mul_(2.0).add_(k * stabiliser))
+    elif stabiliser:
+        test.sub_(k * stabiliser)
     rows = (test <= 0).reshape(-1, z.shape[-1]).any(-1) if test.numel() and float(test.amin()) <= 0 else None
-    if stabiliser:
-        z.add_(stabiliser)
     if rows is not None:
         flat_x, flat_z = xd.reshape(-1, xd.shape[-1]), z.view(-1, z.shape[-1])
         few = flat_x[rows]
