@@ -72,6 +72,9 @@ _UNSUPPORTED = {"scaled_dot_product_attention", "exp", "log", "sqrt", "rsqrt", "
                 "abs", "square"}
 
 
+_RULED = {"linear", "conv2d", "layer_norm"} | _ADD | _MATMUL | _MUL | _ACTIVATIONS | _SOFTMAX | _UNSUPPORTED
+
+
 def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
     """z + eps * sign(z), with sign(0) = +1 (so that the result is never 0 when eps > 0)."""
     return torch.where(z >= 0, z + eps, z - eps)
@@ -129,6 +132,8 @@ class LRPMode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        if name not in _RULED:  # views, reshapes, dropout, ...: most calls; nothing to do
+            return out
         if not isinstance(out, torch.Tensor) or not out.requires_grad or not out.is_floating_point():
             return out
         if name == "linear" or name == "conv2d":
