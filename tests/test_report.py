@@ -253,15 +253,23 @@ def test_methods_by_name_and_their_errors():
     assert rep.info["classes"] == [] and rep.info["methods"] == []
 
 
-def test_cli_report_and_jupyter_view(tmp_path):
+def test_cli_report_and_jupyter_view(tmp_path, capsys, monkeypatch):
     from vitlens import report as top_level_report
     from vitlens.cli import main
+    from vitlens.viz.report import build
+    from vitlens.viz.report.attention import Encoding
 
     torch.manual_seed(0)
     folder = tmp_path / "vit"
     factories.hf_vit().save_pretrained(folder)
     out = tmp_path / "r.html"
     assert main(["report", CAT, "--model", str(folder), "--out", str(out), "--top-k", "2"]) == 0
+    assert "float32 values; rollout equal to the library's)" in capsys.readouterr().out
+    with monkeypatch.context() as m:
+        m.setattr(build, "ENCODINGS", (Encoding(8, sqrt=True),))
+        assert main(["report", CAT, "--model", str(folder), "--out", str(tmp_path / "c.html")]) == 0
+    line = capsys.readouterr().out
+    assert "8-bit square-root codes per row" in line and "rollout within" in line and "largest at" in line
     data = _data(out.read_text(encoding="utf-8"))
     assert data["title"] == "demo_cat.png" and len(data["classes"]) == 2
     assert main(["report", CAT, "--model", str(folder), "--out", str(tmp_path / "r.png")]) == 2

@@ -52,5 +52,6 @@ def report(image: str, model_spec: str, weights: str | None, timm_kwargs: str | 
         f"as {info['encoding']} codes per row, each value within {info['max_error']:.1e}"
     worst = max(info["rollout_error"], key=info["rollout_error"].get)
     fusion, discard = worst.split("/")
-    click.echo(f"wrote {written} ({info['bytes'] / 1e6:.2f} MB; attention {stored}; rollout within "
-               f"{info['rollout_error'][worst]:.1e} of the library's, largest at {fusion} fusion, discard {discard})")
+    rollout = "equal to the library's" if info["rollout_error"][worst] == 0 else \
+        f"within {info['rollout_error'][worst]:.1e} of the library's, largest at {fusion} fusion, discard {discard}"
+    click.echo(f"wrote {written} ({info['bytes'] / 1e6:.2f} MB; attention {stored}; rollout {rollout})")
