@@ -23,8 +23,8 @@ import torch
 
 import _env  # noqa: F401  (makes timm and transformers importable)
 import vitlens
-from vitlens.methods.rollout import RolloutAccumulator, fuse_heads, max_normalize
-from vitlens.viz.report.attention import BlockAttention, capture, dequantise, quantise
+from vitlens.viz.report.attention import capture, dequantise, quantise
+from vitlens.viz.report.precision import rollout_maps
 
 CASES = (("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.5), ("min", 0.5), ("mean", 0.9), ("max", 0.9))
 DEMO_CAT = Path(__file__).resolve().parents[1] / "src" / "vitlens" / "assets" / "demo_cat.png"
@@ -45,16 +45,6 @@ def load(spec: str, seed: int) -> tuple[vitlens.VitModel, object]:
     return vitlens.load_model(spec), Image.fromarray(data.chelsea())
 
 
-def rollout_maps(model: vitlens.VitModel, blocks: list[BlockAttention], values: list[np.ndarray], fusion: str,
-                 discard: float) -> np.ndarray:
-    """The library's rollout after every block on ``values`` (per block [H, E]), max-normalised: [L, gh, gw]."""
-    plan = model.stage_plan(tuple(model.preprocess.size))
-    acc = RolloutAccumulator(plan, 0, discard, 0.5, True, True)
-    for i, (b, v) in enumerate(zip(blocks, values)):
-        acc.add(i, fuse_heads(torch.from_numpy(b.dense(v.astype(np.float64)))[None], fusion))
-    return max_normalize(torch.stack(acc.depth_maps, 1)[0]).numpy()
-
-
 def mantissa(values: np.ndarray, bits: int) -> np.ndarray:
     """``values`` rounded to ``bits`` bits of mantissa (exponent kept)."""
     m, e = np.frexp(values.astype(np.float64))
@@ -72,8 +62,9 @@ def main() -> None:
     blocks = capture(model, x).blocks
     print("bench_report_precision:", _env.describe())
     print(f"{args.model}: {len(blocks)} blocks x {blocks[0].heads} heads, {blocks[0].tokens} tokens")
+    plan = model.stage_plan(tuple(model.preprocess.size))
     exact = [b.values for b in blocks]
-    ref = {c: rollout_maps(model, blocks, exact, *c) for c in CASES}
+    ref = {c: rollout_maps(plan, blocks, exact, *c) for c in CASES}
     rng = np.random.default_rng(args.seed)
     rows: list[tuple[str, str, list[np.ndarray]]] = []
     for bits, floor, sqrt in ((16, 0.0, False), (8, 0.0, True), (8, 0.0, False)):
@@ -89,7 +80,7 @@ def main() -> None:
     head = " ".join(f"{f}/{d:<4g}" for f, d in CASES)
     print(f"\n{'stored values':28s} {'size':>8s}  {head}")
     for name, size, values in rows:
-        errs = [float(np.abs(rollout_maps(model, blocks, values, *c) - ref[c]).max()) for c in CASES]
+        errs = [float(np.abs(rollout_maps(plan, blocks, values, *c) - ref[c]).max()) for c in CASES]
         print(f"{name:28s} {size:>8s}  " + " ".join(f"{e:8.1e}" for e in errs))
 
 

@@ -224,10 +224,12 @@ def dequantise(q: Quantised, blocks: list[BlockAttention]) -> list[np.ndarray]:
         n = b.tokens
         lengths = b.row_lengths()
         per = np.repeat(q.scales[s:s + h * n].reshape(h, n).astype(np.float64), lengths, axis=1)
-        codes = q.codes[c:c + h * e].reshape(h, e).astype(np.float64)
+        codes = q.codes[c:c + h * e].reshape(h, e)
         if q.relative:
-            codes = RELATIVE_VALUES[q.codes[c:c + h * e].reshape(h, e)]
-        values = (codes * codes if q.sqrt else codes) * per
+            values = RELATIVE_VALUES[codes] * per
+        else:
+            codes = codes.astype(np.float64)
+            values = (codes * codes if q.sqrt else codes) * per
         if q.bits == 8 and b.prefix:
             end = int(lengths[:b.prefix].sum())
             per = np.repeat(q.wide_scales[ws:ws + h * b.prefix].reshape(h, b.prefix).astype(np.float64),
